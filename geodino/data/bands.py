@@ -1,0 +1,87 @@
+"""The band contract: band names, order, centre wavelengths and ground sample distance per sensor,
+and the normalisation statistics geodino ships.
+
+Every checkpoint records the band names (in order) and the normalisation it was trained with, so a
+backbone is always fed the bands it expects (see geodino.models.registry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from geodino.errors import DataError
+
+
+@dataclass(frozen=True)
+class Band:
+    name: str
+    wavelength_nm: float | None  # centre wavelength
+    gsd_m: float | None  # native ground sample distance
+    rgb: str | None = None  # 'R', 'G' or 'B' for the visible bands used as RGB
+
+
+# Sentinel-2 MSI (L1C / L2A), centre wavelengths of S2A.
+SENTINEL2 = (
+    Band("B01", 442.7, 60), Band("B02", 492.4, 10, "B"), Band("B03", 559.8, 10, "G"),
+    Band("B04", 664.6, 10, "R"), Band("B05", 704.1, 20), Band("B06", 740.5, 20),
+    Band("B07", 782.8, 20), Band("B08", 832.8, 10), Band("B8A", 864.7, 20),
+    Band("B09", 945.1, 60), Band("B10", 1373.5, 60), Band("B11", 1613.7, 20),
+    Band("B12", 2202.4, 20),
+)
+# Landsat 8/9 OLI + TIRS (Collection 2 band names as torchgeo uses them).
+LANDSAT89 = (
+    Band("SR_B1", 443, 30), Band("SR_B2", 482, 30, "B"), Band("SR_B3", 562, 30, "G"),
+    Band("SR_B4", 655, 30, "R"), Band("SR_B5", 865, 30), Band("SR_B6", 1609, 30),
+    Band("SR_B7", 2201, 30), Band("ST_B10", 10895, 100),
+)
+# NAIP 4-band aerial imagery.
+NAIP = (Band("R", 635, 0.6, "R"), Band("G", 555, 0.6, "G"), Band("B", 465, 0.6, "B"), Band("NIR", 845, 0.6))
+RGB = (Band("R", 640, None, "R"), Band("G", 550, None, "G"), Band("B", 465, None, "B"))
+
+SENSORS: dict[str, tuple[Band, ...]] = {
+    "sentinel2": SENTINEL2,
+    "landsat8": LANDSAT89,
+    "landsat9": LANDSAT89,
+    "naip": NAIP,
+    "rgb": RGB,
+}
+
+# Normalisation of the released DINOv3 weights, on RGB scaled to [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SAT493M_MEAN = (0.430, 0.411, 0.296)
+SAT493M_STD = (0.213, 0.156, 0.143)
+
+
+def sensor_bands(sensor: str) -> tuple[Band, ...]:
+    try:
+        return SENSORS[sensor.lower()]
+    except KeyError:
+        raise DataError(f"unknown sensor '{sensor}'; choose one of: {', '.join(SENSORS)}") from None
+
+
+def select_bands(available: Sequence[str], wanted: Sequence[str] | None, where: str = "") -> list[int]:
+    """Indices of `wanted` band names in `available` (all when wanted is None); a clear error
+    names the missing band, the file and the bands that are there."""
+    available = list(available)
+    if wanted is None:
+        return list(range(len(available)))
+    missing = [b for b in wanted if b not in available]
+    if missing:
+        src = f" in {where}" if where else ""
+        raise DataError(
+            f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found{src}; "
+            f"available bands: {', '.join(available)}"
+        )
+    return [available.index(b) for b in wanted]
+
+
+def rgb_indices(band_names: Sequence[str], sensor: str | None = None) -> tuple[int, int, int] | None:
+    """Indices of the R, G, B bands within `band_names`, when the sensor defines them."""
+    table = sensor_bands(sensor) if sensor else tuple(b for s in SENSORS.values() for b in s)
+    lookup = {b.name: b.rgb for b in table if b.rgb}
+    found = {lookup[n]: i for i, n in enumerate(band_names) if n in lookup}
+    if all(c in found for c in "RGB"):
+        return found["R"], found["G"], found["B"]
+    return None
