@@ -1,0 +1,418 @@
+"""One trainer for every stage (dinov3_spec.md §6: step order, optimiser, schedules, EMA, checkpoints).
+
+The loop knows nothing about which models or losses a stage uses: it takes a *meta-architecture*
+with this small interface
+
+- `student_modules() -> {name: module}` — what the optimiser trains and clips (separately per module);
+- `forward_backward(batch, teacher_temp, loss_scale=...) -> (loss, stats)`;
+- `update_ema(momentum)`, `state_dict()` / `load_state_dict()`;
+- optional `after_step(step)` (e.g. a Gram-teacher refresh),
+
+and a *batch source* that turns a global batch index into a training batch. Step order follows the
+reference: set LR/WD, zero grads, forward_backward (grad accumulation over micro-batches), clip per
+student submodule, NaN check (abort after more than 2 consecutive non-finite losses), optimiser step,
+EMA update, stage hook, metrics, checkpoint.
+
+Exact resume: data are addressed by index (see geodino.data.sources.raster), masks are drawn from a
+per-batch seed, and the checkpoint holds the optimiser, every RNG state and the data position, so a
+killed run continues with the losses an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from geodino.errors import GeodinoError
+from geodino.runs import MetricsWriter
+from geodino.train import checkpoint as ckpt_io
+from geodino.train.distributed import Parallel, rank_masks
+from geodino.train.schedules import cosine_schedule, lr_scaled, teacher_temp_schedule
+
+log = logging.getLogger("geodino")
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter groups (reference `get_params_groups_with_decay_fsdp`)
+# ------------------------------------------------------------------------------------------------
+
+def _layer_id(name: str, n_blocks: int) -> int:
+    if name.startswith(("patch_embed", "cls_token", "storage_tokens", "mask_token", "downsample_layers.0")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith("stages."):  # ConvNeXt: layer decay is 1.0 in the reference, ids are cosmetic
+        return int(name.split(".")[1]) + 1
+    return n_blocks + 1
+
+
+def param_groups(modules: dict[str, nn.Module], layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
+    """Merge parameters with equal (lr multiplier, wd multiplier, last-layer flag) into one group."""
+    groups: dict[tuple, dict] = {}
+    for mod_name, module in modules.items():
+        is_backbone = mod_name == "backbone" or mod_name.startswith("backbone")
+        n_blocks = len(getattr(module, "blocks", [])) if is_backbone else 0
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr_mult = 1.0
+            if is_backbone:
+                lr_mult = layerwise_decay ** (n_blocks + 1 - _layer_id(name, n_blocks))
+                if name.startswith("patch_embed") or name.startswith("downsample_layers.0"):
+                    lr_mult *= patch_embed_lr_mult
+            wd_mult = 0.0 if (name.endswith("bias") or "norm" in name or "gamma" in name) else 1.0
+            is_last = "last_layer" in name
+            key = (round(lr_mult, 12), wd_mult, is_last)
+            g = groups.setdefault(key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "is_last_layer": is_last,
+                                        "names": []})
+            g["params"].append(p)
+            g["names"].append(f"{mod_name}.{name}")
+    return list(groups.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches by index
+# ------------------------------------------------------------------------------------------------
+
+class IndexedBatches:
+    """Batch `b` on rank `r` holds samples [(b·W + r)·B, (b·W + r + 1)·B) of an index-addressed dataset.
+
+    Each sample's augmentation randomness is seeded by (seed, sample index), and the batch's
+    masking randomness by (seed, b), so batch `b` is the same whenever and wherever it is built.
+    """
+
+    def __init__(self, dataset, batch_size: int, collate: Callable[[list, random.Random], dict], seed: int,
+                 num_workers: int = 0, world_size: int = 1, rank: int = 0):
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.collate = collate
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.world_size = int(world_size)
+        self.rank = int(rank)
+
+    def _indices(self, b: int) -> list[int]:
+        start = (b * self.world_size + self.rank) * self.batch_size
+        return list(range(start, start + self.batch_size))
+
+    def iterate(self, start_batch: int) -> Iterator[tuple[int, dict]]:
+        batch_sampler = _BatchIndexSampler(self, start_batch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=list,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            # A private generator: creating the loader must not consume the global RNG, or a
+            # resumed run would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        b = start_batch
+        for samples in loader:
+            yield b, self.collate(samples, random.Random(self.seed * 1_000_003 + b))
+            b += 1
+
+
+class _BatchIndexSampler(torch.utils.data.Sampler):
+    def __init__(self, batches: IndexedBatches, start: int):
+        self.batches, self.start = batches, start
+
+    def __iter__(self):
+        b = self.start
+        while True:
+            yield self.batches._indices(b)
+            b += 1
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """source[i] -> augment(image, generator seeded by (seed, i))."""
+
+    def __init__(self, source, augment, seed: int = 0):
+        self.source, self.augment, self.seed = source, augment, int(seed)
+
+    def __len__(self):
+        return 2**62
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed((self.seed * 2_654_435_761 + int(i)) % (2**63 - 1))
+        return self.augment(self.source[i], generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainSettings:
+    iterations: int
+    batch_size: int
+    grad_accum: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_iterations: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    freeze_last_layer_iterations: int = 0
+    scaling_rule: str = "none"
+    momentum: float = 0.992
+    final_momentum: float = 1.0
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_iterations: int = 0
+    precision: str = "auto"
+    progress: bool = True
+    world_size: int = 1
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "TrainSettings":
+        t, o, e = cfg.train, cfg.optim, cfg.ema
+        return cls(
+            iterations=int(t.iterations), batch_size=int(t.batch_size), grad_accum=int(t.grad_accum),
+            log_every=int(t.log_every), checkpoint_every=int(t.checkpoint_every), keep_last=int(t.keep_last),
+            lr=float(o.lr), min_lr=float(o.min_lr), warmup_iterations=int(o.warmup_iterations),
+            weight_decay=float(o.weight_decay), weight_decay_end=float(o.weight_decay_end),
+            betas=tuple(float(b) for b in o.betas), layerwise_decay=float(o.layerwise_decay),
+            patch_embed_lr_mult=float(o.patch_embed_lr_mult), clip_grad=float(o.clip_grad),
+            freeze_last_layer_iterations=int(o.freeze_last_layer_iterations), scaling_rule=str(o.scaling_rule),
+            momentum=float(e.momentum), final_momentum=float(e.final_momentum), teacher_temp=float(e.teacher_temp),
+            warmup_teacher_temp=float(e.warmup_teacher_temp),
+            warmup_teacher_temp_iterations=int(e.warmup_teacher_temp_iterations), precision=str(t.precision),
+            progress=bool(cfg.get("progress", True)),
+        )
+
+
+class Trainer:
+    def __init__(self, meta_arch: nn.Module, batches: IndexedBatches, settings: TrainSettings, run_dir: str | Path,
+                 device: torch.device, checkpoint_extra: dict | None = None, is_main: bool = True,
+                 parallel: Parallel | None = None):
+        # `parallel` (geodino.train.distributed.wrap_student) does the rank-aware parts: stat reduction,
+        # gradient clipping of sharded parameters, full-state checkpoints. None: one process.
+        self.parallel = parallel if parallel is not None else Parallel()
+        self.meta = meta_arch.to(device)
+        self.batches = batches
+        self.s = settings
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.extra = dict(checkpoint_extra or {})
+        self.is_main = is_main
+        n = settings.iterations
+        global_batch = settings.batch_size * settings.grad_accum * settings.world_size
+        peak = lr_scaled(settings.lr, global_batch, settings.scaling_rule)
+        self.lr = cosine_schedule(peak, settings.min_lr, n, warmup=settings.warmup_iterations)
+        self.wd = cosine_schedule(settings.weight_decay, settings.weight_decay_end, n)
+        self.momentum = cosine_schedule(settings.momentum, settings.final_momentum, n)
+        self.teacher_temp = teacher_temp_schedule(settings.warmup_teacher_temp, settings.teacher_temp,
+                                                  settings.warmup_teacher_temp_iterations, n)
+        self.groups = param_groups(self.meta.student_modules(), settings.layerwise_decay, settings.patch_embed_lr_mult)
+        fused_ok = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
+            lr=peak, betas=settings.betas, weight_decay=settings.weight_decay, foreach=not fused_ok, fused=fused_ok,
+        )
+        self.start_step = 0
+        self.nan_streak = 0
+        self.history: list[dict] = []
+
+    # -- precision -------------------------------------------------------------------------------
+    def _autocast(self):
+        prec = self.s.precision
+        if prec == "auto":
+            prec = "bf16" if self.device.type == "cuda" else "fp32"
+        if prec == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if prec != "fp32":
+            raise GeodinoError(f"train.precision must be auto, fp32 or bf16, got '{prec}'")
+        return torch.autocast(self.device.type, enabled=False)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self, next_step: int) -> dict | None:
+        """The full training state; collective under FSDP2 (call on every rank), None off the main rank."""
+        model_sd = self.parallel.model_state_dict(self.meta)
+        optim_sd = self.parallel.optim_state_dict(self.meta, self.optimizer)
+        if not self.is_main:
+            return None
+        return {
+            "format": "geodino-train-checkpoint",
+            "step": next_step,
+            "models": {"meta_arch": model_sd},
+            "optimizer": optim_sd,
+            "rng": ckpt_io.rng_state(),
+            "data_position": next_step * self.s.grad_accum,
+            "nan_streak": self.nan_streak,
+            **self.extra,
+        }
+
+    def save(self, next_step: int) -> Path | None:
+        state = self.state(next_step)  # every rank: gathering a sharded state is collective
+        if state is None:
+            return None
+        return ckpt_io.save_checkpoint(state, self.run_dir / "checkpoints", next_step, self.s.keep_last)
+
+    def resume(self, path: str | Path) -> int:
+        state = ckpt_io.load_checkpoint(path)
+        try:
+            self.parallel.load_state(self.meta, self.optimizer, state["models"]["meta_arch"], state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise GeodinoError(f"checkpoint {path} does not fit this run's models/optimiser: {str(e).splitlines()[0]}") from e
+        ckpt_io.set_rng_state(state["rng"])
+        self.start_step = int(state["step"])
+        self.nan_streak = int(state.get("nan_streak", 0))
+        log.info("resumed from %s at step %d", path, self.start_step)
+        return self.start_step
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _set_schedules(self, step: int) -> None:
+        for group in self.optimizer.param_groups:
+            lr = self.lr[step] * group["lr_mult"]
+            if group["is_last_layer"] and step < self.s.freeze_last_layer_iterations:
+                lr = 0.0
+            group["lr"] = lr
+            group["weight_decay"] = self.wd[step] * group["wd_mult"]
+
+    def fit(self, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        s = self.s
+        metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after_step=self.start_step - 1) if self.is_main else None
+        self.meta.train()
+        data = self.batches.iterate(self.start_step * s.grad_accum)
+        bar = tqdm(total=s.iterations, initial=self.start_step, desc="train", disable=not (s.progress and self.is_main),
+                   dynamic_ncols=True)
+        step = self.start_step
+        try:
+            for step in range(self.start_step, s.iterations):
+                t0 = time.perf_counter()
+                self._set_schedules(step)
+                self.optimizer.zero_grad(set_to_none=True)
+                t_data = 0.0
+                stats_acc: dict[str, float] = {}
+                for _ in range(s.grad_accum):
+                    td = time.perf_counter()
+                    _, batch = next(data)
+                    batch = _to_device(batch, self.device)
+                    t_data += time.perf_counter() - td
+                    with self._autocast():
+                        _, stats = self.meta.forward_backward(batch, float(self.teacher_temp[step]),
+                                                              loss_scale=1.0 / s.grad_accum)
+                    for k, v in stats.items():
+                        stats_acc[k] = stats_acc.get(k, 0.0) + v / s.grad_accum
+                stats_acc = self.parallel.reduce_stats(stats_acc)  # rank means (identity in one process)
+                t_fb = time.perf_counter()
+                grad_norms = {}
+                for name, module in self.meta.student_modules().items():
+                    params = [p for p in module.parameters() if p.grad is not None]
+                    if params and s.clip_grad > 0:
+                        grad_norms[f"grad_norm_{name}"] = self.parallel.clip_grad_norm_(params, s.clip_grad)
+                if not math.isfinite(stats_acc["loss"]):
+                    self.nan_streak += 1
+                    log.warning("step %d: non-finite loss %s (%d in a row)", step, stats_acc["loss"], self.nan_streak)
+                    if self.nan_streak > 2:
+                        raise GeodinoError(
+                            f"training diverged: non-finite loss for {self.nan_streak} consecutive steps at step {step}; "
+                            "lower optim.lr or check the data normalisation"
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    self.nan_streak = 0
+                    self.optimizer.step()
+                    self.meta.update_ema(float(self.momentum[step]))
+                hook = getattr(self.meta, "after_step", None)
+                if hook is not None:
+                    stats_acc.update(hook(step) or {})
+                t_end = time.perf_counter()
+                row = {
+                    "step": step,
+                    **stats_acc,
+                    **grad_norms,
+                    "lr": float(self.lr[step]),
+                    "wd": float(self.wd[step]),
+                    "momentum": float(self.momentum[step]),
+                    "teacher_temp": float(self.teacher_temp[step]),
+                    "time_data": t_data,
+                    "time_forward_backward": t_fb - t0 - t_data,
+                    "time_optim": t_end - t_fb,
+                    "time_step": t_end - t0,
+                }
+                self.history.append(row)
+                if metrics is not None:
+                    metrics.write(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", cls_std=f"{row.get('cls_std', 0):.3f}")
+                if self.is_main and (step % s.log_every == 0 or step == s.iterations - 1):
+                    log.info("step %d/%d loss %.4f %s", step, s.iterations, row["loss"],
+                             " ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("loss_")))
+                if on_step is not None:
+                    on_step(step, row)
+                done = step + 1
+                if s.checkpoint_every > 0 and (done % s.checkpoint_every == 0 or done == s.iterations):
+                    self.save(done)  # on every rank (collective under FSDP2); the main rank writes
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        return self.history
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GeodinoError(f"device={name} was requested but no CUDA device is visible; use device=cpu")
+    return dev
+
+
+def collate_for(stage_cfg, n_tokens: int, world_size: int = 1, rank: int = 0) -> Callable[[list, Any], dict]:
+    """The batch collate. With ``world_size > 1`` the iBOT masks are drawn for the *global* batch (the
+    same draws a one-process run of batch ``world_size × B`` makes from the same per-batch seed) and this
+    rank's images' masks are sliced out (`geodino.train.distributed.rank_masks`)."""
+    from geodino.data.collate import collate_data_and_cast
+    from geodino.data.masking import MaskingGenerator
+
+    side = int(round(math.sqrt(n_tokens)))
+
+    def collate(samples: list, rng: random.Random) -> dict:
+        gen = MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * side * side, rng=rng)
+        kw = dict(mask_ratio_tuple=tuple(stage_cfg.ibot.mask_ratio_min_max),
+                  mask_probability=float(stage_cfg.ibot.mask_sample_probability), n_tokens=n_tokens)
+        if world_size == 1:
+            return collate_data_and_cast(samples, mask_generator=gen, random_state=rng, **kw)
+        # this rank's crops (their masks are replaced below; a private generator leaves `rng` untouched)
+        out = collate_data_and_cast(samples, mask_generator=MaskingGenerator(input_size=(side, side), rng=0),
+                                    random_state=0, **{**kw, "mask_probability": 0.0})
+        n_global = len(samples[0]["global_crops"])
+        # stand-ins for the global batch: only their count matters to the mask draws
+        ghosts = [{"global_crops": [torch.empty(0)] * n_global, "local_crops": []}] * (len(samples) * world_size)
+        full = collate_data_and_cast(ghosts, mask_generator=gen, random_state=rng, **kw)
+        out.update(rank_masks(full["collated_masks"], n_global, world_size, rank))
+        out["upperbound"] = full["upperbound"]
+        return out
+
+    return collate
+

@@ -1,0 +1,194 @@
+"""`geodino train`: compose data, model, meta-architecture and trainer for the selected stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from geodino.errors import GeodinoError
+
+log = logging.getLogger("geodino")
+
+IMPLEMENTED_STAGES = ("pretrain",)
+PLANNED_STAGES = {
+    "gram": "Gram anchoring",
+    "highres": "high-resolution adaptation",
+    "distill": "multi-student distillation",
+    "text": "dino.txt text alignment",
+}
+
+
+def build_backbone_for(cfg, info):
+    """The student backbone for `model=` with the data's bands, and its contract."""
+    from geodino.models.registry import build_backbone, load_backbone, make_contract
+
+    name = str(cfg.model.name)
+    in_chans = int(cfg.model.in_chans) if cfg.model.get("in_chans") is not None else info.n_bands
+    if in_chans != info.n_bands:
+        raise GeodinoError(f"model.in_chans={in_chans} but data={cfg.data.name} has {info.n_bands} bands ({', '.join(info.band_names)})")
+    kw = cfg.model.get("kwargs")
+    overrides = OmegaConf.to_container(kw, resolve=True) if kw is not None else {}
+    if cfg.model.get("weights"):
+        model = load_backbone(name, weights=str(cfg.model.weights), in_chans=in_chans, bands=info.band_names,
+                              rgb_indices=info.rgb_indices, **overrides)
+        adaptation = model.geodino_contract.get("band_adaptation")
+    else:
+        model = build_backbone(name, in_chans=in_chans, **overrides)
+        adaptation = None
+    base = model.geodino_contract
+    model.geodino_contract = make_contract(
+        base["name"], base["family"], base["kwargs"], bands=info.band_names, mean=info.mean, std=info.std,
+        input_scale=info.input_scale, band_adaptation=adaptation,
+    )
+    return model
+
+
+def preview_image(cfg, info, size: int = 160) -> torch.Tensor | None:
+    """A larger view of the data (C, H, W) in [0, 1] for the PCA figure."""
+    try:
+        if cfg.data.kind == "raster":
+            from geodino.data.sources.raster import RasterSource
+
+            src = info.source
+            side = min(size, *(int((b[2] - b[0]) / src.res[0]) for b in src._bounds), *(int((b[3] - b[1]) / src.res[1]) for b in src._bounds))
+            side -= side % 16
+            prev = RasterSource([str(f) for f in src.files], chip_size=side, bands=src.band_names, scale=src.scale,
+                                nodata_max_fraction=src.nodata_max_fraction, length=1, seed=12345,
+                                sensor=getattr(src, "sensor", None))
+            return prev[0]
+        img = info.source[0]
+        return torch.nn.functional.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True)[0]
+    except Exception as e:  # a figure must never fail a finished run
+        log.warning("no PCA preview: %s", e)
+        return None
+
+
+def run_train(cfg):
+    """`geodino train`, in one process or on every rank of a `torchrun` launch (train.parallel: ddp | fsdp2)."""
+    import torch.distributed as dist
+
+    from geodino.runs import setup_logging
+    from geodino.train.distributed import destroy_distributed, init_distributed
+
+    setup_logging()
+    caller_group = dist.is_available() and dist.is_initialized()  # a caller's process group stays up
+    dist_info = init_distributed(str(cfg.device))
+    if not dist_info.is_main:
+        log.setLevel(logging.WARNING)  # one rank talks
+    try:
+        return _run_train(cfg, dist_info)
+    finally:
+        if dist_info.distributed and not caller_group:
+            destroy_distributed()
+
+
+def _run_train(cfg, dist_info):
+    from geodino.data.multicrop import MultiCropAugmentation
+    from geodino.data.sources import build_source
+    from geodino.runs import default_run_dir, prepare_run_dir
+    from geodino.train.checkpoint import latest_checkpoint
+    from geodino.train.distributed import broadcast_object, wrap_student
+    from geodino.train.loop import AugmentedDataset, IndexedBatches, Trainer, TrainSettings, collate_for, seed_everything
+    from geodino.train.ssl import SSLMetaArch
+
+    stage = str(cfg.stage.name)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    info = build_source(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress))
+    if stage not in IMPLEMENTED_STAGES:
+        raise GeodinoError(
+            f"stage={stage} ({PLANNED_STAGES.get(stage, stage)}) is not available in this geodino version yet; "
+            f"available: {', '.join(IMPLEMENTED_STAGES)}"
+        )
+    device = dist_info.device
+    is_main = dist_info.is_main
+    seed_everything(int(cfg.seed))
+
+    run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else default_run_dir("train", stage)
+    resume_from = latest_checkpoint(run_dir / "checkpoints") if cfg.get("resume", True) else None
+    run_dir, resume_from = broadcast_object((run_dir, resume_from))  # rank 0 decides (timestamped names)
+    if is_main:
+        prepare_run_dir(run_dir, cfg)
+
+    backbone = build_backbone_for(cfg, info)
+    contract = backbone.geodino_contract
+    crops = cfg.stage.crops
+    augment = MultiCropAugmentation(
+        global_crops_size=int(crops.global_crops_size), local_crops_size=int(crops.local_crops_size),
+        local_crops_number=int(crops.local_crops_number), global_crops_scale=tuple(crops.global_crops_scale),
+        local_crops_scale=tuple(crops.local_crops_scale), horizontal_flips=bool(crops.horizontal_flips),
+        mean=info.mean, std=info.std, n_bands=info.n_bands,
+        rgb_indices=info.rgb_indices if info.n_bands != 3 else None,
+    )
+    patch = int(contract["patch_size"])
+    if int(crops.global_crops_size) % patch or int(crops.local_crops_size) % patch:
+        raise GeodinoError(f"crop sizes {crops.global_crops_size}/{crops.local_crops_size} must be multiples of the patch size {patch}")
+    n_tokens = (int(crops.global_crops_size) // patch) ** 2
+    meta = SSLMetaArch(backbone, cfg.stage)
+    if cfg.train.get("grad_checkpointing"):
+        meta.student.backbone.set_grad_checkpointing(True)
+    mode = str(cfg.train.get("parallel", "ddp"))
+    precision = str(cfg.train.precision)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    parallel = wrap_student(meta, mode, param_dtype=torch.bfloat16 if (bf16 and mode == "fsdp2") else None,
+                            info=dist_info)
+    ws, rank = dist_info.world_size, dist_info.rank
+    batches = IndexedBatches(AugmentedDataset(info.source, augment, seed=int(cfg.seed)), int(cfg.train.batch_size),
+                             collate_for(cfg.stage, n_tokens, ws, rank), seed=int(cfg.seed),
+                             num_workers=int(cfg.train.num_workers), world_size=ws, rank=rank)
+    extra = {
+        "contract": contract,
+        "stage": stage,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "data": {"bands": info.band_names, "mean": info.mean, "std": info.std, **info.extra},
+    }
+    settings = TrainSettings.from_cfg(cfg)
+    settings.world_size = ws
+    trainer = Trainer(meta, batches, settings, run_dir, device, checkpoint_extra=extra, is_main=is_main,
+                      parallel=parallel)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    n_params = sum(p.numel() for p in backbone.parameters())
+    log.info("stage=%s model=%s (%.2fM params, %d bands) data=%s device=%s run_dir=%s", stage, contract["name"],
+             n_params / 1e6, info.n_bands, cfg.data.name, device, run_dir)
+    if ws > 1:
+        log.info("data parallel: %s on %d processes, %d images per process, global batch %d", mode, ws,
+                 settings.batch_size, settings.batch_size * ws)
+    history = trainer.fit()
+
+    teacher_backbone = meta.teacher.backbone
+    if cfg.train.get("pca_png", True) and parallel.sharded:
+        # FSDP2: gather the full teacher backbone (every rank) into a plain module on rank 0
+        from geodino.models.registry import backbone_from_contract
+
+        full = parallel.full_state_dict(meta.teacher.backbone)
+        if is_main:
+            teacher_backbone = backbone_from_contract(contract)
+            teacher_backbone.load_state_dict(full)
+    if not is_main:
+        return run_dir
+
+    summary = {"run_dir": str(run_dir), "stage": stage, "iterations": int(cfg.train.iterations)}
+    if history:
+        first, last = history[0], history[-1]
+        summary.update({"loss_first": first["loss"], "loss_last": last["loss"], "cls_std_last": last.get("cls_std"),
+                        "patch_erank_last": last.get("patch_erank")})
+    if cfg.train.get("pca_png", True):
+        img = preview_image(cfg, info)
+        if img is not None:
+            from geodino.eval.report import pca_feature_png
+
+            png = pca_feature_png(teacher_backbone, img, info.mean, info.std, run_dir / "pca_features.png",
+                                  rgb=info.rgb_indices)
+            summary["pca_png"] = str(png)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    print(f"run directory: {run_dir}")
+    print(f"checkpoint:    {ckpt}")
+    if "pca_png" in summary:
+        print(f"PCA figure:    {summary['pca_png']}")
+    return run_dir

@@ -1,0 +1,218 @@
+"""The SSL meta-architecture of DINOv3 pretraining (dinov3_spec.md §3, §4, §6; reference
+`dinov3/train/ssl_meta_arch.py`).
+
+A student (backbone + separate DINO and iBOT heads) and an EMA teacher of the same shape. One
+`forward_backward` call does what the reference's does:
+
+1. teacher forward (eval mode, no grad) on the two unmasked global crops; DINO head on the class
+   tokens, iBOT head on the patch tokens at the student's masked positions; Sinkhorn-Knopp targets
+   (or softmax centring);
+2. student forward of `[global_crops (masked), local_crops]` in one list call (per-block RoPE draws);
+3. losses: DINO local (weight n_g·n_l / total), DINO global with the diagonal ignored
+   (n_g(n_g−1) / total), KoLeo on the pre-head global class tokens of each crop (×0.1, summed over
+   crops), iBOT on the masked patches; optionally Gram anchoring (added by geodino.train.gram);
+4. backward of the weighted sum.
+
+`update_ema(m)` moves every teacher parameter towards the student's (buffers are not averaged).
+The collapse monitor (`monitor`) reports the class-token std across the batch and the effective rank
+of the patch features.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from geodino.losses import DINOLoss, iBOTPatchLoss, koleo_loss, koleo_loss_distributed
+from geodino.models.heads import DINOHead
+from geodino.train.distributed import local_tensors, reshard
+
+
+def _head(embed_dim: int, cfg) -> DINOHead:
+    return DINOHead(
+        in_dim=embed_dim,
+        out_dim=int(cfg.head_n_prototypes),
+        hidden_dim=int(cfg.head_hidden_dim),
+        bottleneck_dim=int(cfg.head_bottleneck_dim),
+        nlayers=int(cfg.head_nlayers),
+    )
+
+
+class SSLMetaArch(nn.Module):
+    """Student + EMA teacher with DINO / iBOT heads and the DINOv3 losses."""
+
+    def __init__(self, backbone: nn.Module, stage_cfg, process_group=None):
+        super().__init__()
+        self.cfg = stage_cfg
+        embed_dim = int(backbone.embed_dim)
+        self.embed_dim = embed_dim
+        self.student = nn.ModuleDict(
+            {"backbone": backbone, "dino_head": _head(embed_dim, stage_cfg.dino), "ibot_head": _head(embed_dim, stage_cfg.ibot)}
+        )
+        self.student.dino_head.init_weights()
+        self.student.ibot_head.init_weights()
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.dino_loss = DINOLoss(int(stage_cfg.dino.head_n_prototypes), process_group=process_group)
+        self.ibot_patch_loss = iBOTPatchLoss(int(stage_cfg.ibot.head_n_prototypes), process_group=process_group)
+        self.centering = str(stage_cfg.get("centering", "sinkhorn_knopp"))
+        if self.centering not in ("sinkhorn_knopp", "softmax"):
+            raise ValueError(f"stage.centering must be sinkhorn_knopp or softmax, got '{self.centering}'")
+        self.n_local = int(stage_cfg.crops.local_crops_number)
+        n_g = 2
+        self.global_terms = n_g * (n_g - 1)
+        self.local_terms = n_g * self.n_local
+        self.teacher_forward_count = 0  # asserted by tests: one teacher pass per step
+        # Data parallel (geodino.train.distributed): the losses reduce over `process_group` (WORLD by
+        # default), and under DDP `student_calls` maps a student module name to its DDP wrapper (a plain
+        # dict, so the wrappers are not registered and state-dict keys do not change).
+        self.process_group = process_group
+        self.student_calls: dict[str, nn.Module] = {}
+
+    def _world_size(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    # The teacher never trains: no dropout, no RoPE augmentation, no local_cls_norm (spec §1.4).
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: torch.Tensor,
+                        teacher_temp: float) -> dict[str, torch.Tensor]:
+        self.teacher_forward_count += 1
+        out = self.teacher.backbone.forward_features(global_crops)
+        cls = out["x_norm_clstoken"]
+        patches = out["x_norm_patchtokens"]
+        n_img, n_tok, dim = patches.shape
+        dino_logits = self.teacher.dino_head(cls)
+        masked_patches = patches.reshape(n_img * n_tok, dim).index_select(0, mask_indices)
+        ibot_logits = self.teacher.ibot_head(masked_patches)
+        reshard(self.teacher.values())  # FSDP2: an inference-only root keeps its gathered params otherwise
+        if self.centering == "sinkhorn_knopp":
+            dino_probs = self.dino_loss.sinkhorn_knopp_teacher(dino_logits, teacher_temp)
+            ibot_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp, n_masked_patches_tensor=n_masked)
+        else:
+            dino_probs = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
+            ibot_probs = self.ibot_patch_loss.softmax_center_teacher(ibot_logits.unsqueeze(0), teacher_temp).squeeze(0)
+        return {"cls": cls, "patches": patches, "dino_probs": dino_probs, "ibot_probs": ibot_probs}
+
+    def forward_backward(self, batch: dict[str, Any], teacher_temp: float, extra_losses=None,
+                         loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """One step's forward and backward; returns (total loss, per-term values)."""
+        global_crops = batch["collated_global_crops"]
+        local_crops = batch["collated_local_crops"]
+        masks = batch["collated_masks"]
+        mask_indices = batch["mask_indices_list"]
+        n_masked = batch["n_masked_patches"]
+        masks_weight = batch["masks_weight"]
+        n_global_imgs = global_crops.shape[0]
+        batch_size = n_global_imgs // 2
+
+        t0 = time.perf_counter()
+        teacher = self.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp)
+        t1 = time.perf_counter()
+
+        inputs, input_masks = [global_crops], [masks]
+        if self.n_local > 0:
+            inputs.append(local_crops)
+            input_masks.append(None)
+        calls = self.student_calls
+        outs = calls.get("backbone", self.student.backbone.forward_features)(inputs, input_masks)
+        s_global = outs[0]
+        s_global_cls = s_global["x_norm_clstoken"]
+        s_patches = s_global["x_norm_patchtokens"]
+        n_img, n_tok, dim = s_patches.shape
+        s_masked = s_patches.reshape(n_img * n_tok, dim).index_select(0, mask_indices)
+
+        # One DINO-head call on global + local class tokens, like the reference (cheaper than two).
+        cls_all = s_global_cls if self.n_local == 0 else torch.cat([s_global_cls, outs[1]["x_norm_clstoken"]])
+        dino_logits = calls.get("dino_head", self.student.dino_head)(cls_all)
+        ibot_logits = calls.get("ibot_head", self.student.ibot_head)(s_masked)
+
+        teacher_probs = teacher["dino_probs"].view(2, batch_size, -1)
+        s_global_logits = dino_logits[:n_global_imgs].view(2, batch_size, -1)
+        losses: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        dino_w = float(self.cfg.dino.loss_weight)
+        total_terms = self.global_terms + self.local_terms
+        if self.n_local > 0:
+            s_local_logits = dino_logits[n_global_imgs:].view(self.n_local, batch_size, -1)
+            losses["dino_local"] = self.dino_loss(s_local_logits, teacher_probs, ignore_diagonal=False)
+            weights["dino_local"] = dino_w * self.local_terms / total_terms
+        losses["dino_global"] = self.dino_loss(
+            s_global_logits, teacher_probs, ignore_diagonal=bool(self.cfg.dino.get("global_ignore_diagonal", True))
+        )
+        weights["dino_global"] = dino_w * self.global_terms / total_terms
+        koleo_w = float(self.cfg.dino.get("koleo_loss_weight", 0.0))
+        world_size = self._world_size()
+        if koleo_w > 0:
+            if world_size > 1:  # neighbours searched in the global batch (dino.koleo_distributed_loss_group_size)
+                group_size = self.cfg.dino.get("koleo_distributed_loss_group_size", None)
+                losses["koleo"] = sum(
+                    koleo_loss_distributed(c, group_size=None if group_size is None else int(group_size),
+                                           process_group=self.process_group)
+                    for c in s_global_cls.chunk(2)
+                ) / 2
+            else:
+                losses["koleo"] = sum(koleo_loss(c) for c in s_global_cls.chunk(2)) / 2
+            weights["koleo"] = koleo_w * 2
+        ibot_w = float(self.cfg.ibot.loss_weight)
+        # Data parallel: a rank whose slice has no masked patch still scores its (empty) iBOT term, 0, so
+        # the rank mean is the global mean and the iBOT head takes part in every backward (DDP).
+        if ibot_w > 0 and (mask_indices.numel() > 0 or world_size > 1):
+            losses["ibot"] = self.ibot_patch_loss(
+                ibot_logits, teacher["ibot_probs"], masks, n_masked_patches=int(n_masked.sum()), masks_weight=masks_weight
+            )
+            weights["ibot"] = ibot_w
+        if extra_losses is not None:
+            for name, (value, weight) in extra_losses(batch=batch, student=s_global, teacher=teacher).items():
+                losses[name], weights[name] = value, weight
+
+        total = sum(weights[k] * v for k, v in losses.items())
+        t2 = time.perf_counter()
+        (total * loss_scale).backward()
+        t3 = time.perf_counter()
+        stats = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
+        stats["loss"] = float(total.detach())
+        stats.update(time_teacher=t1 - t0, time_student_forward=t2 - t1, time_backward=t3 - t2)
+        stats.update(self.monitor(teacher["cls"], teacher["patches"]))
+        return total.detach(), stats
+
+    @torch.no_grad()
+    def monitor(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
+        """Collapse monitor: class-token std across the batch (of L2-normalised tokens; a collapsed
+        model gives 0, a uniform spread on the sphere ~1/sqrt(D)) and the effective rank
+        (exp of the singular-value entropy) of centred patch features."""
+        c = F.normalize(cls.float(), dim=-1)
+        cls_std = float(c.std(dim=0).mean()) if c.shape[0] > 1 else 0.0
+        p = patches.float().reshape(-1, patches.shape[-1])
+        if p.shape[0] > 2048:
+            p = p[torch.linspace(0, p.shape[0] - 1, 2048, device=p.device).long()]
+        p = p - p.mean(dim=0, keepdim=True)
+        s = torch.linalg.svdvals(p)
+        prob = s / s.sum().clamp_min(1e-12)
+        erank = float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum()))
+        return {"cls_std": cls_std, "cls_std_x_sqrt_dim": cls_std * math.sqrt(c.shape[-1]), "patch_erank": erank}
+
+    @torch.no_grad()
+    def update_ema(self, momentum: float) -> None:
+        # local shards under FSDP2 (teacher and student are sharded identically): no communication
+        s = local_tensors(self.student.parameters())
+        t = local_tensors(self.teacher.parameters())
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+    def student_modules(self) -> dict[str, nn.Module]:
+        return dict(self.student.items())
