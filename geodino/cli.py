@@ -166,6 +166,9 @@ def _one_line_hydra_error(verb: str, e: Exception) -> str:
 
         m = re.search(r"Key '([^']+)'", msg) or re.search(r"override '([^']+)'", msg)
         key = m.group(1) if m else "?"
+        if "." in key:
+            parent, _, leaf = key.rpartition(".")
+            return f"unknown option '{key}': '{parent}' has no key '{leaf}' (add a new key with +{key}=...)"
         return (
             f"unknown option '{key}'; top-level keys are: {', '.join(_top_level_keys(verb))} "
             f"(add a new key with +{key}=...)"

@@ -2,12 +2,18 @@
 
 `build_source(data_cfg, seed)` turns a `data=` config into a source and its band contract
 (band names, RGB band indices, normalisation mean/std, input scaling).
+
+Normalisation comes from `data.mean`/`data.std` when both are set, else from `data.stats_file` (a
+`band_stats.json` written by `geodino curate action=stats`, matched by band name), else from the
+statistics of a fixed set of chips. `data.chip_list` (raster) and `data.file_list` (folder) restrict
+a source to the items chosen by `geodino curate action=balance|retrieve`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -46,7 +52,29 @@ def _paths(data_cfg) -> list[str] | None:
     return [str(p) for p in paths]
 
 
-def build_source(data_cfg, seed: int = 0, progress: bool = False) -> SourceInfo:
+def load_stats_file(path, band_names: list[str], scale: float | None = None) -> tuple[list[float], list[float]]:
+    """Mean/std for `band_names` from a band_stats.json (see geodino.data.curation), matched by name."""
+    import json
+
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.stats_file {path} does not exist (write it with `geodino curate action=stats`)")
+    try:
+        doc = json.loads(path.read_text())
+        names, mean, std = list(doc["bands"]), list(doc["mean"]), list(doc["std"])
+    except Exception as e:
+        raise DataError(f"data.stats_file {path} is not a band statistics file: {e}") from e
+    missing = [b for b in band_names if b not in names]
+    if missing:
+        raise DataError(f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} not in data.stats_file {path} "
+                        f"(it has {', '.join(names)})")
+    if scale is not None and doc.get("scale") is not None and float(doc["scale"]) != float(scale):
+        raise DataError(f"data.stats_file {path} was computed with scale={doc['scale']:g} but data.scale={scale:g}")
+    return [float(mean[names.index(b)]) for b in band_names], [float(std[names.index(b)]) for b in band_names]
+
+
+def build_source(data_cfg, seed: int = 0, progress: bool = False, stats: bool = True) -> SourceInfo:
+    """`stats=False` skips computing statistics when no mean/std/stats_file is given (mean/std stay empty)."""
     kind = str(data_cfg.kind)
     if kind == "raster":
         from geodino.data.sources.raster import RasterSource, band_statistics
@@ -56,6 +84,16 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False) -> SourceInfo:
             from geodino.data.sample import sample_sat_path
 
             paths = [str(sample_sat_path())]
+        chip_indices, chip_seed = None, seed
+        if data_cfg.get("chip_list"):
+            from geodino.data.curation import read_chip_list
+
+            chip_indices, meta = read_chip_list(data_cfg.chip_list)
+            # Chip identity is fixed by the seed and chip size the list was made with.
+            chip_seed = int(meta.get("seed", seed))
+            if meta.get("chip_size") is not None and int(meta["chip_size"]) != int(data_cfg.chip_size):
+                raise DataError(f"data.chip_list {data_cfg.chip_list} holds {meta['chip_size']} px chips but "
+                                f"data.chip_size={data_cfg.chip_size}; set data.chip_size={meta['chip_size']}")
         src = RasterSource(
             paths,
             chip_size=int(data_cfg.chip_size),
@@ -64,12 +102,23 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False) -> SourceInfo:
             scale=float(data_cfg.scale),
             nodata_max_fraction=float(data_cfg.get("nodata_max_fraction", 0.5)),
             length=int(data_cfg.get("samples_per_epoch", 10000)),
-            seed=seed,
+            seed=chip_seed,
+            sensor=data_cfg.get("sensor"),
+            chip_indices=chip_indices,
         )
+        if chip_indices is not None and meta.get("files"):
+            listed = sorted(Path(str(f)).name for f in meta["files"])
+            if listed != sorted(f.name for f in src.files):
+                log.warning("data.chip_list %s was made on other files (%d listed, %d found): its chip indices "
+                            "address different chips here", data_cfg.chip_list, len(listed), len(src.files))
         if data_cfg.get("mean") is not None and data_cfg.get("std") is not None:
             mean, std = [float(x) for x in data_cfg.mean], [float(x) for x in data_cfg.std]
             if len(mean) != src.n_bands or len(std) != src.n_bands:
                 raise DataError(f"data.mean/std have {len(mean)}/{len(std)} values but the source has {src.n_bands} bands ({', '.join(src.band_names)})")
+        elif data_cfg.get("stats_file"):
+            mean, std = load_stats_file(data_cfg.stats_file, list(src.band_names), float(data_cfg.scale))
+        elif not stats:
+            mean, std = [], []
         else:
             # Statistics of the data itself, from a fixed set of chips (recorded in every checkpoint).
             mean, std = band_statistics(src, n=32, progress=progress)
@@ -77,7 +126,8 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False) -> SourceInfo:
         return SourceInfo(src, list(src.band_names), mean, std,
                           input_scale=f"digital numbers / {float(data_cfg.scale):g}, clipped to [0, 1], then (x - mean) / std",
                           rgb_indices=rgb_indices(src.band_names, data_cfg.get("sensor")),
-                          extra={"files": [str(f) for f in src.files], "crs": str(src.crs)})
+                          extra={"files": [str(f) for f in src.files], "crs": str(src.crs),
+                                 "reader": src.sensor or "geotiff", "chip_list": data_cfg.get("chip_list")})
     if kind == "folder":
         from geodino.data.sources.folder import FolderSource
 
@@ -88,7 +138,11 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False) -> SourceInfo:
             paths = [str(sample_nat_dir())]
         src = FolderSource(paths, file_list=data_cfg.get("file_list"), min_size=int(data_cfg.get("min_size", 32)),
                            length=int(data_cfg.get("samples_per_epoch", 10000)))
-        return SourceInfo(src, ["R", "G", "B"], [float(x) for x in data_cfg.mean], [float(x) for x in data_cfg.std],
+        if data_cfg.get("stats_file"):
+            mean, std = load_stats_file(data_cfg.stats_file, ["R", "G", "B"])
+        else:
+            mean, std = [float(x) for x in data_cfg.mean], [float(x) for x in data_cfg.std]
+        return SourceInfo(src, ["R", "G", "B"], mean, std,
                           input_scale="uint8 RGB / 255, then (x - mean) / std", rgb_indices=(0, 1, 2),
                           extra={"skipped": dict(src.skipped)})
     raise DataError(f"data.kind must be raster or folder, got '{kind}'")

@@ -12,6 +12,18 @@ Nodata: a chip whose fraction of nodata pixels (all bands equal to the file's no
 outside the raster footprint, which torchgeo fills with 0) exceeds `nodata_max_fraction` is skipped
 and counted, and another chip is drawn with the next sub-seed; chips are never fed as unmarked
 zeros. Values are divided by `scale` and clipped to [0, 1].
+
+Named sensors: `sensor=sentinel2|landsat8|landsat9|naip` reads the files with torchgeo's own
+`Sentinel2`, `Landsat8`, `Landsat9` or `NAIP` dataset class (their filename globs and regexes, one file
+per band for Sentinel-2 and Landsat, band names from the sensor) instead of the generic GeoTIFF class.
+The files must follow the product naming (e.g. `T31UFQ_20200101T103421_B02.jp2`,
+`LC08_L2SP_199026_20200101_20200110_02_T1_SR_B4.TIF`, `m_3807511_ne_18_060_20181104.tif`); when no
+file under the paths does, the folder is read as generic multi-band GeoTIFFs with band descriptions
+(the sensor then only names the RGB bands), so a stacked Sentinel-2 GeoTIFF keeps working.
+
+Chip lists: `chip_indices` restricts the source to a list of chip indices (as written by
+`geodino curate action=balance|retrieve`, see geodino.data.curation); item `i` is then chip
+`chip_indices[i % len(chip_indices)]`.
 """
 
 from __future__ import annotations
@@ -56,6 +68,70 @@ def find_rasters(paths: Sequence[str | Path], filename_glob: str = "*.tif") -> l
     return files
 
 
+# torchgeo dataset class per named sensor, and the bands read when `bands` is not given.
+SENSOR_DATASETS = {"sentinel2": "Sentinel2", "landsat8": "Landsat8", "landsat9": "Landsat9", "naip": "NAIP"}
+_RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img"}
+
+
+def sensor_dataset_class(sensor: str):
+    """torchgeo's RasterDataset subclass for a named sensor."""
+    import torchgeo.datasets as tgd
+
+    try:
+        return getattr(tgd, SENSOR_DATASETS[sensor.lower()])
+    except KeyError:
+        raise DataError(f"unknown sensor '{sensor}' for a raster source; choose one of: "
+                        f"{', '.join(SENSOR_DATASETS)} (or null for generic GeoTIFFs)") from None
+
+
+def _sensor_band_names(sensor: str, cls) -> list[str]:
+    from geodino.data.bands import sensor_bands
+
+    if cls.all_bands:
+        return list(cls.all_bands)
+    return [b.name for b in sensor_bands(sensor)]  # Landsat: torchgeo has no all_bands
+
+
+def find_sensor_scenes(paths: Sequence[str | Path], sensor: str) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """Files under `paths` named like `sensor`'s products, grouped by scene.
+
+    Returns ({scene key: {band: file}}, the sensor's band names in canonical order). For one-file
+    sensors (NAIP) each file is a scene holding every band (key '*').
+    """
+    import fnmatch
+    import re
+
+    cls = sensor_dataset_class(sensor)
+    names = _sensor_band_names(sensor, cls)
+    regex = cls.filename_regex
+    if "{}" in regex:  # Sentinel2 formats the resolution suffix in (the first band's); any here
+        regex = regex.format(r"\d+m")
+    pattern = re.compile(regex, re.VERBOSE)
+    glob = cls.filename_glob.replace("{}", "*")
+    candidates: list[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_file():
+            candidates.append(p)
+        elif p.is_dir():
+            candidates.extend(sorted(x for x in p.rglob("*") if x.is_file()))
+        else:
+            raise DataError(f"data path {p} does not exist")
+    scenes: dict[str, dict[str, Path]] = {}
+    for f in candidates:
+        if f.suffix.lower() not in _RASTER_SUFFIXES or not fnmatch.fnmatch(f.name, glob):
+            continue
+        m = pattern.match(f.name)
+        if m is None:
+            continue
+        if cls.separate_files and "band" in m.groupdict():
+            key = str(f.parent / (f.name[: m.start("band")] + "{band}" + f.name[m.end("band"):]))
+            scenes.setdefault(key, {})[m.group("band")] = f
+        else:
+            scenes[str(f)] = {"*": f}
+    return scenes, names
+
+
 class RasterSource(torch.utils.data.Dataset):
     """Random fixed-size chips from a folder of GeoTIFFs, addressed by index (see module doc).
 
@@ -75,9 +151,76 @@ class RasterSource(torch.utils.data.Dataset):
         length: int = 10000,
         seed: int = 0,
         max_redraws: int = 20,
+        sensor: str | None = None,
+        chip_indices: Sequence[int] | None = None,
     ):
         from torchgeo.datasets import RasterDataset
 
+        self.sensor = None
+        if sensor and str(sensor).lower() in SENSOR_DATASETS:
+            scenes, sensor_names = find_sensor_scenes(paths, str(sensor))
+            if scenes:
+                self.sensor = str(sensor).lower()
+            else:
+                log.info("sensor=%s: no file under %s follows the %s naming; reading generic GeoTIFFs",
+                         sensor, ", ".join(map(str, paths)), SENSOR_DATASETS[str(sensor).lower()])
+        self.chip_indices = None if chip_indices is None else np.asarray(chip_indices, dtype=np.int64)
+        if self.chip_indices is not None and self.chip_indices.size == 0:
+            raise DataError("the chip list is empty")
+        self.nodata = 0.0
+        self.chip_size = int(chip_size)
+        self.scale = float(scale)
+        self.nodata_max_fraction = float(nodata_max_fraction)
+        self.length = int(length)
+        self.seed = int(seed)
+        self.max_redraws = int(max_redraws)
+        self.skipped_nodata = 0
+        if self.sensor is not None:
+            self._init_sensor(scenes, sensor_names, bands, crs, res)
+        else:
+            self._init_generic(paths, bands, filename_glob, crs, res, RasterDataset)
+        self._init_bounds(paths)
+
+    def _init_sensor(self, scenes, names, bands, crs, res) -> None:
+        cls = sensor_dataset_class(self.sensor)
+        keys = sorted(scenes)
+        if cls.separate_files:
+            if bands is None:  # every band of the sensor present in every scene, in sensor order
+                bands = [b for b in names if all(b in scenes[k] for k in keys)]
+                if not bands:
+                    raise DataError(f"no {cls.__name__} band is present in every scene under {keys[0]}")
+            if cls.all_bands:  # a misspelt band name is named as such, not as a missing file
+                select_bands(cls.all_bands, list(bands), where=f"{cls.__name__} band names")
+            for k in keys:
+                missing = [b for b in bands if b not in scenes[k]]
+                if missing:
+                    have = ", ".join(sorted(scenes[k]))
+                    raise DataError(f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found for "
+                                    f"{cls.__name__} scene {k.replace('{band}', missing[0])} (file missing; "
+                                    f"bands on disk: {have})")
+            self.files = [scenes[k][bands[0]] for k in keys]
+            self.all_band_names = list(bands) if not cls.all_bands else list(cls.all_bands)
+            self.band_names = list(bands)
+        else:
+            self.files = [scenes[k]["*"] for k in keys]
+            self.all_band_names = list(names)
+            idx = select_bands(names, list(bands) if bands is not None else None, where=str(self.files[0]))
+            self.band_names = [names[i] for i in idx]
+            for f in self.files:
+                import rasterio
+
+                with rasterio.open(f) as src:
+                    if src.count < max(idx) + 1:
+                        raise DataError(f"band {names[max(idx)]} not found in {f}: it has {src.count} bands, "
+                                        f"{cls.__name__} expects {', '.join(names)}")
+        _, nodata = _band_names_of(self.files[0])
+        self.nodata = 0.0 if nodata is None else float(nodata)
+        kw = {"crs": crs, "bands": self.band_names}
+        if res is not None:
+            kw["res"] = res
+        self.dataset = cls(paths=[str(f) for f in self.files], **kw)
+
+    def _init_generic(self, paths, bands, filename_glob, crs, res, RasterDataset) -> None:
         self.files = find_rasters(paths, filename_glob)
         names, nodata = _band_names_of(self.files[0])
         for f in self.files[1:]:
@@ -91,13 +234,6 @@ class RasterSource(torch.utils.data.Dataset):
         idx = select_bands(names, list(bands) if bands is not None else None, where=str(self.files[0]))
         self.band_names = [names[i] for i in idx]
         self.nodata = 0.0 if nodata is None else float(nodata)
-        self.chip_size = int(chip_size)
-        self.scale = float(scale)
-        self.nodata_max_fraction = float(nodata_max_fraction)
-        self.length = int(length)
-        self.seed = int(seed)
-        self.max_redraws = int(max_redraws)
-        self.skipped_nodata = 0
 
         glob = filename_glob
         cls = type(
@@ -107,6 +243,8 @@ class RasterSource(torch.utils.data.Dataset):
         )
         root = [str(f) for f in self.files]
         self.dataset = cls(paths=root, crs=crs, res=res, bands=self.band_names)
+
+    def _init_bounds(self, paths) -> None:
         # Weight files by area, as RandomGeoSampler does, so big scenes are drawn more often.
         self._areas = []
         self._bounds = []
@@ -169,23 +307,63 @@ class RasterSource(torch.utils.data.Dataset):
             "check the rasters' nodata value or lower data.nodata_max_fraction"
         )
 
+    def chip_index(self, index: int) -> int:
+        """The chip index item `index` reads: itself, or its entry in the chip list."""
+        if self.chip_indices is None:
+            return int(index)
+        return int(self.chip_indices[int(index) % len(self.chip_indices)])
+
+    def valid_mask(self, img: torch.Tensor) -> torch.Tensor:
+        """(H, W) True where a raw chip holds data (not every band equal to nodata)."""
+        return ~(img == self.nodata).all(dim=0)
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        img = self.chip(index)
+        img = self.chip(self.chip_index(index))
         return (img / self.scale).clamp_(0.0, 1.0)
 
 
-def band_statistics(source: torch.utils.data.Dataset, n: int = 64, progress: bool = False) -> tuple[list[float], list[float]]:
-    """Per-band mean and std over `n` chips (values as the source returns them, i.e. in [0, 1])."""
+def band_statistics(source: torch.utils.data.Dataset, n: int = 64, progress: bool = False,
+                    exclude_nodata: bool = True, info: dict | None = None) -> tuple[list[float], list[float]]:
+    """Per-band mean and std over the first `n` items (values as the source returns them, i.e. in [0, 1]).
+
+    For a RasterSource, pixels where every band equals the nodata value are left out
+    (`exclude_nodata`), so the zeros of partly empty chips do not bias the statistics. Per-item
+    moments are merged with Chan's parallel formula in float64 (no catastrophic cancellation).
+    `info`, when given, receives the item, pixel and excluded-pixel counts.
+    """
     from tqdm.auto import tqdm
 
-    n = min(n, len(source))
-    s = s2 = None
+    n = min(int(n), len(source))
+    if n <= 0:
+        raise DataError("band statistics need at least one chip or image")
+    raster = exclude_nodata and hasattr(source, "chip") and hasattr(source, "valid_mask")
     count = 0
+    mean = m2 = None
+    excluded = 0
     for i in tqdm(range(n), desc="band statistics", disable=not progress):
-        x = source[i].double().flatten(1)
-        s = x.sum(1) if s is None else s + x.sum(1)
-        s2 = (x * x).sum(1) if s2 is None else s2 + (x * x).sum(1)
-        count += x.shape[1]
-    mean = s / count
-    var = (s2 / count - mean * mean).clamp_min(1e-12)
+        if raster:
+            raw = source.chip(source.chip_index(i))
+            valid = source.valid_mask(raw)
+            x = (raw / source.scale).clamp_(0.0, 1.0)[:, valid].double()
+            excluded += int((~valid).sum())
+        else:
+            x = source[i].double().flatten(1)
+        nb = x.shape[1]
+        if nb == 0:
+            continue
+        mb = x.mean(1)
+        m2b = ((x - mb[:, None]) ** 2).sum(1)
+        if mean is None:
+            mean, m2, count = mb, m2b, nb
+            continue
+        delta = mb - mean
+        tot = count + nb
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (count * nb / tot)
+        count = tot
+    if mean is None:
+        raise DataError(f"the {n} chips read for band statistics hold no valid (non-nodata) pixel")
+    var = (m2 / count).clamp_min(1e-12)
+    if info is not None:
+        info.update({"items": n, "pixels": int(count), "nodata_pixels_excluded": int(excluded)})
     return [float(v) for v in mean], [float(math.sqrt(v)) for v in var]
