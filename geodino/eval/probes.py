@@ -1,0 +1,249 @@
+"""Heads trained on frozen features: linear / kNN classification probes, dense heads, regression.
+
+* `LinearProbe`: per-dimension standardisation (train statistics) + one linear layer; cross-entropy
+  (multiclass) or binary cross-entropy (multilabel); AdamW with a cosine schedule.
+* `knn_scores`: DINO's weighted kNN — cosine similarity on L2-normalised features, the k = 20 nearest
+  training samples vote with weight ``exp(sim / T)`` (T = 0.07); for multilabel the votes are
+  averaged label vectors (a probability per label).
+* `LinearSegHead`: BatchNorm + 1x1 convolution on the patch-token grid (the DINOv2/v3 linear
+  segmentation head); logits are bilinearly upsampled to pixel resolution before the loss.
+* `LightDecoder`: two 3x3 conv + BN + GELU stages with 2x upsampling in between, then a 1x1 conv.
+* `train_dense_head`: trains either head on cached window features for segmentation (cross-entropy
+  with ignored pixels) or regression (L1 on valid pixels, targets standardised by train statistics).
+All run on CPU or GPU; progress bars come from tqdm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geodino.errors import GeodinoError
+
+log = logging.getLogger("geodino")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _cosine(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification
+# ----------------------------------------------------------------------------------------------
+
+class LinearProbe(nn.Module):
+    def __init__(self, dim: int, n_out: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else mean.float().clone())
+        self.register_buffer("std", torch.ones(dim) if std is None else std.float().clone())
+        self.linear = nn.Linear(dim, n_out)
+        nn.init.zeros_(self.linear.bias)
+        nn.init.normal_(self.linear.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.std)
+
+
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, multilabel: bool, epochs: int = 20,
+                     lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256,
+                     device: torch.device | str = "cpu", seed: int = 0, progress: bool = False) -> LinearProbe:
+    x = torch.as_tensor(x).float()
+    y = torch.as_tensor(y)
+    n, d = x.shape
+    if n == 0:
+        raise GeodinoError("cannot train a linear probe on an empty training split")
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    probe = LinearProbe(d, n_classes, mean, std).to(device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * math.ceil(n / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
+    g = torch.Generator().manual_seed(seed)
+    xd, yd = x.to(device), y.to(device)
+    bar = _progress(range(epochs), epochs, "linear probe", progress)
+    for _ in bar:
+        perm = torch.randperm(n, generator=g).to(device)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            logits = probe(xd[idx])
+            if multilabel:
+                loss = F.binary_cross_entropy_with_logits(logits, yd[idx].float())
+            else:
+                loss = F.cross_entropy(logits, yd[idx].long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def probe_scores(probe: LinearProbe, x: torch.Tensor, multilabel: bool, batch_size: int = 4096) -> torch.Tensor:
+    dev = next(probe.parameters()).device
+    out = []
+    for i in range(0, len(x), batch_size):
+        logits = probe(torch.as_tensor(x[i:i + batch_size]).float().to(dev))
+        out.append((logits.sigmoid() if multilabel else logits.softmax(1)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, probe.linear.out_features)
+
+
+@torch.no_grad()
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, n_classes: int, k: int = 20,
+               temperature: float = 0.07, multilabel: bool = False, chunk: int = 1024,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """DINO's temperature-weighted cosine kNN; returns per-class scores [N, n_classes] (rows sum to 1)."""
+    train_x = F.normalize(torch.as_tensor(train_x).float(), dim=1).to(device)
+    if len(train_x) == 0:
+        raise GeodinoError("cannot run kNN with an empty training split")
+    train_y = torch.as_tensor(train_y).to(device)
+    onehot = train_y.float() if multilabel else F.one_hot(train_y.long(), n_classes).float()
+    k = min(int(k), len(train_x))
+    out = []
+    x = torch.as_tensor(x).float()
+    for i in range(0, len(x), chunk):
+        q = F.normalize(x[i:i + chunk].to(device), dim=1)
+        sim, idx = (q @ train_x.T).topk(k, dim=1)
+        w = (sim / temperature).exp()
+        votes = (onehot[idx] * w[..., None]).sum(1)
+        out.append((votes / w.sum(1, keepdim=True)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, n_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense heads
+# ----------------------------------------------------------------------------------------------
+
+class LinearSegHead(nn.Module):
+    def __init__(self, dim: int, n_out: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv = nn.Conv2d(dim, n_out, kernel_size=1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(x))
+
+
+class LightDecoder(nn.Module):
+    def __init__(self, dim: int, n_out: int, hidden: int = 128):
+        super().__init__()
+        h2 = max(16, hidden // 2)
+        self.stage1 = nn.Sequential(nn.Conv2d(dim, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.GELU())
+        self.stage2 = nn.Sequential(nn.Conv2d(hidden, h2, 3, padding=1, bias=False), nn.BatchNorm2d(h2), nn.GELU())
+        self.out = nn.Conv2d(h2, n_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage1(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.stage2(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.out(x)
+
+
+DENSE_HEADS = ("linear", "light_decoder")
+
+
+def build_dense_head(kind: str, dim: int, n_out: int, hidden: int = 128) -> nn.Module:
+    if kind == "linear":
+        return LinearSegHead(dim, n_out)
+    if kind in ("light_decoder", "decoder"):
+        return LightDecoder(dim, n_out, hidden)
+    raise GeodinoError(f"unknown head '{kind}'; choose one of: {', '.join(DENSE_HEADS)}")
+
+
+class DenseModel(nn.Module):
+    """A dense head plus the output transform: bilinear upsampling, class masking / target de-standardisation."""
+
+    def __init__(self, head: nn.Module, kind: str, allowed_classes: Sequence[int] | None = None,
+                 target_mean: float = 0.0, target_std: float = 1.0):
+        super().__init__()
+        self.head = head
+        self.kind = kind
+        n_out = head.conv.out_channels if isinstance(head, LinearSegHead) else head.out.out_channels
+        mask = torch.zeros(n_out, dtype=torch.bool)
+        if allowed_classes is None:
+            mask[:] = True
+        else:
+            mask[list(allowed_classes)] = True
+        self.register_buffer("allowed", mask)
+        self.register_buffer("t_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("t_std", torch.tensor(float(target_std)))
+
+    def logits(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.head(feats), size=size, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def predict(self, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Seg: class probabilities [B, K, H, W] (never a masked class); reg: metres [B, 1, H, W] (>= 0)."""
+        out = self.logits(feats, size)
+        if self.kind == "seg":
+            out = out.masked_fill(~self.allowed.view(1, -1, 1, 1), float("-inf"))
+            return out.softmax(1)
+        return (out * self.t_std + self.t_mean).clamp_min(0.0)
+
+
+def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, valid: np.ndarray | None = None,
+                     ignore_index: int | None = None, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4,
+                     batch_size: int = 8, device: torch.device | str = "cpu", seed: int = 0,
+                     progress: bool = False, desc: str = "head") -> DenseModel:
+    """Train on cached windows: feats [N, D, gh, gw], targets [N, win, win] (seg: int, -1 = padding)."""
+    n = len(feats)
+    if n == 0:
+        raise GeodinoError("no training windows to fit the head on")
+    size = tuple(int(s) for s in targets.shape[-2:])
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = max(1, epochs * math.ceil(n / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps, warmup=min(100, steps // 10)))
+    g = torch.Generator().manual_seed(seed)
+    bar = _progress(range(epochs), epochs, desc, progress)
+    last = float("nan")
+    for _ in bar:
+        perm = torch.randperm(n, generator=g).numpy()
+        for i in range(0, n, batch_size):
+            idx = np.sort(perm[i:i + batch_size])
+            if len(idx) < 2 and n >= 2:  # BatchNorm needs more than one sample per channel
+                idx = np.sort(np.unique(np.concatenate([idx, perm[:1]])))
+            x = torch.from_numpy(np.array(feats[idx])).to(device).float()
+            t = torch.from_numpy(np.array(targets[idx])).to(device)
+            out = model.logits(x, size)
+            if model.kind == "seg":
+                t = t.long()
+                if ignore_index is not None:
+                    t = t.masked_fill(t == ignore_index, -1)
+                if not bool((t >= 0).any()):
+                    continue
+                loss = F.cross_entropy(out, t, ignore_index=-1)
+            else:
+                v = torch.from_numpy(np.array(valid[idx])).to(device).bool()
+                if not bool(v.any()):
+                    continue
+                z = (t.float() - model.t_mean) / model.t_std
+                loss = (out[:, 0] - z).abs()[v].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = loss.item()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{last:.4f}")
+    log.info("%s: trained %d epochs on %d windows, last loss %.4f", desc, epochs, n, last)
+    return model.eval()

@@ -1,0 +1,223 @@
+"""`geodino eval <task>`: score a frozen backbone on LoveDA, GEO-Bench or canopy height.
+
+`run_eval(cfg)` resolves the backbone (a released name, a geodino checkpoint / run directory, or a
+released name plus an official ``.pth`` in ``weights=``), the device (``auto``: CUDA when visible)
+and the run directory (``outputs/eval/<task>/<time>`` unless ``run_dir=``), runs the task and writes
+
+* ``results.json`` — every number, the backbone fingerprint, cache use, timings, the published
+  reference numbers and the full config;
+* ``report.md`` — a table of every scalar plus the published numbers with their protocol;
+* ``figures/*.png`` — input / truth / prediction for a few tiles and ``pca_features.png``;
+* ``config.yaml`` and ``run.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from geodino.errors import GeodinoError
+
+log = logging.getLogger("geodino")
+
+TASKS = ("loveda", "geobench", "canopy")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(name))
+    except RuntimeError as e:
+        raise GeodinoError(f"device={name} is not a device name ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GeodinoError(f"device={name} was requested but no CUDA device is visible; use device=cpu or device=auto")
+    return dev
+
+
+class EvalContext:
+    """What a task needs: config, dataset root, device, run dir, feature cache and the backbone."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path, cache_root: Path | None,
+                 persistent: bool = True):
+        from geodino.eval.features import FeatureCache
+
+        self.cfg = cfg
+        self.task = cfg.task
+        self.task_name = str(cfg.task.name)
+        self.root = Path(str(cfg.root)).expanduser()
+        self.device = device
+        self.run_dir = run_dir
+        self.figures_dir = run_dir / "figures"
+        self.cache = FeatureCache(cache_root)
+        self.persistent = persistent and cache_root is not None
+        self.progress = bool(cfg.get("progress", True))
+        self.seed = int(cfg.get("seed", 0))
+        self.num_workers = int(cfg.get("num_workers", 0) or 0)
+        self.n_figures = int(cfg.get("n_figures", 3) or 0)
+        self.cache_log: dict[str, str] = {}
+        self._backbones: dict[Any, torch.nn.Module] = {}
+        self._extractors: dict[Any, Any] = {}
+
+    def backbone(self, in_chans: int | None = None, bands: list[str] | None = None,
+                 rgb_indices: list[int] | None = None) -> torch.nn.Module:
+        """The frozen backbone; `in_chans` != its bands adapts the first layer (registry rule)."""
+        from geodino.models.registry import load_backbone
+
+        if None not in self._backbones:
+            torch.manual_seed(self.seed)  # a randomly initialised backbone is reproducible
+            self._backbones[None] = load_backbone(str(self.cfg.backbone), weights=_opt(self.cfg.weights))
+        base = self._backbones[None]
+        if in_chans is None or int(in_chans) == int(base.geodino_contract["in_chans"]):
+            return base
+        key = (int(in_chans), tuple(bands) if bands else None, tuple(rgb_indices) if rgb_indices else None)
+        if key not in self._backbones:
+            torch.manual_seed(self.seed)
+            self._backbones[key] = load_backbone(str(self.cfg.backbone), weights=_opt(self.cfg.weights),
+                                                 in_chans=int(in_chans), bands=list(bands) if bands else None,
+                                                 rgb_indices=list(rgb_indices) if rgb_indices else None)
+        return self._backbones[key]
+
+    def extractor(self, in_chans: int | None = None, bands: list[str] | None = None,
+                  rgb_indices: list[int] | None = None):
+        from geodino.eval.features import Extractor
+
+        model = self.backbone(in_chans, bands, rgb_indices)
+        if id(model) not in self._extractors:
+            n_layers = int(self.task.get("n_last_layers", 1) or 1)
+            self._extractors[id(model)] = Extractor(model, self.device, n_last_layers=n_layers)
+        return self._extractors[id(model)]
+
+    def note_cache(self, what: str, hit: bool) -> None:
+        self.cache_log[what] = "hit" if hit else ("written" if self.persistent else "disabled")
+
+
+def _opt(v) -> str | None:
+    return None if v in (None, "", "null") else str(v)
+
+
+def _task_runner(name: str) -> Callable[[EvalContext], dict]:
+    if name == "loveda":
+        from geodino.eval.tasks.loveda import run as runner
+    elif name == "geobench":
+        from geodino.eval.tasks.geobench import run as runner
+    elif name == "canopy":
+        from geodino.eval.tasks.canopy import run as runner
+    else:
+        raise GeodinoError(f"unknown eval task '{name}'; choose one of: {', '.join(TASKS)}")
+    return runner
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    from geodino.runs import setup_logging
+
+    setup_logging()
+    task = str(cfg.task.name)
+    runner = _task_runner(task)
+    if cfg.get("root") in (None, "", "null"):
+        raise GeodinoError(f"set root=<dataset folder> for geodino eval {task} (datasets are never downloaded)")
+    root = Path(str(cfg.root)).expanduser()
+    if not root.exists():
+        raise GeodinoError(f"root={root} does not exist")
+    threads_before = torch.get_num_threads()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return _run(cfg, task, runner, root)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: DictConfig, task: str, runner, root: Path) -> dict:
+    from geodino.runs import default_run_dir, setup_logging
+
+    device = resolve_device(cfg.get("device", "auto"))
+    run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else default_run_dir("eval", task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    setup_logging(run_dir / "run.log")
+    temporary = not cfg.get("cache_features", True)
+    if temporary:  # features still go to memory-mapped files (a LoveDA split can exceed RAM), removed at the end
+        cache_root = run_dir / "_features_tmp"
+    else:
+        cache_root = Path(str(cfg.cache_dir)) if cfg.get("cache_dir") else Path("outputs") / "eval" / "feature_cache"
+    ctx = EvalContext(cfg, device, run_dir, cache_root, persistent=not temporary)
+    try:
+        return _evaluate(cfg, task, runner, root, ctx, run_dir, device, None if temporary else cache_root)
+    finally:
+        if temporary:
+            import shutil
+
+            shutil.rmtree(cache_root, ignore_errors=True)
+
+
+def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict:
+    from geodino.eval.features import backbone_fingerprint, contract_hash
+    from geodino.eval.published import PUBLISHED, published_markdown
+    from geodino.eval.report import write_report
+
+    log.info("geodino eval %s: root=%s backbone=%s weights=%s device=%s run_dir=%s", task, root, cfg.backbone,
+             cfg.get("weights"), device, run_dir)
+
+    t0 = time.perf_counter()
+    backbone = ctx.backbone()
+    contract = backbone.geodino_contract
+    metrics = runner(ctx)
+    elapsed = time.perf_counter() - t0
+    results = {
+        "task": task,
+        "backbone": {
+            "name": str(cfg.backbone),
+            "weights": _opt(cfg.get("weights")),
+            "arch": contract.get("name"),
+            "bands": contract.get("bands"),
+            "mean": contract.get("mean"),
+            "std": contract.get("std"),
+            "patch_size": contract.get("patch_size"),
+            "contract_hash": contract_hash(contract),
+            "fingerprint": backbone_fingerprint(backbone),
+        },
+        "device": str(device),
+        **metrics,
+        "feature_cache": {"dir": None if cache_root is None else str(cache_root), **ctx.cache_log},
+        "seconds": round(elapsed, 2),
+    }
+    results = _clean(results)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    js, md = write_report(run_dir, results, config=config, title=f"geodino eval {task} — {cfg.backbone}")
+    # the published numbers go into the JSON and a section of their own, not into our metric table
+    results["published"] = PUBLISHED.get(task, {})
+    js.write_text(json.dumps({"results": results, "config": config}, indent=2, default=str))
+    with open(md, "a") as f:
+        f.write(published_markdown(task))
+    log.info("wrote %s and %s", run_dir / "results.json", md)
+    print(f"geodino eval {task}: {_headline(results)} -> {run_dir}")
+    return results
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe numbers: tensors -> floats, NaN / inf -> None (shown as missing, never as a number)."""
+    import math
+
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _headline(results: dict) -> str:
+    h = results.get("headline")
+    if isinstance(h, dict):
+        return ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in h.items())
+    return "done"
