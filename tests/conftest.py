@@ -1,22 +1,15 @@
-"""Shared test fixtures: the DINOv3 reference tensors and small helpers."""
+"""Shared test fixtures: the DINOv3 reference tensors (see geodino.testing for the helpers)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-_DEFAULT_REF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dinov3_reference"
-
-
-def reference_dir() -> Path:
-    return Path(os.environ.get("GEODINO_REFERENCE_DIR", _DEFAULT_REF))
+from geodino.testing import reference_dir
 
 
 @pytest.fixture(scope="session")
-def ref_dir() -> Path:
+def ref_dir():
     path = reference_dir()
     if not path.is_dir():
         pytest.skip(
@@ -37,17 +30,3 @@ def load_ref(ref_dir):
         return torch.load(path, map_location="cpu", weights_only=False)
 
     return _load
-
-
-def fp32_state_dict(sd: dict) -> dict:
-    """Reference weights are stored as fp16 (exactly representable); cast floats to fp32."""
-    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = ""):
-    """Relative error ||a-e|| / ||e|| <= rtol (the project's 1e-5 fp32 exactness bar)."""
-    actual = actual.detach().float()
-    expected = expected.detach().float()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual - expected).norm() / expected.norm().clamp_min(1e-30)
-    assert err <= rtol, f"{what}: relative error {err.item():.3e} > {rtol:g}"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel
+from geodino.testing import assert_close_rel
 
 from geodino.losses import DINOLoss, dino_loss, sinkhorn_knopp
 

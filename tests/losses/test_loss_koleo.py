@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel
+from geodino.testing import assert_close_rel
 
 from geodino.losses import KoLeoLoss, KoLeoLossDistributed, koleo_loss, koleo_loss_distributed
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from geodino.testing import assert_close_rel
 
 from geodino.losses import sinkhorn_knopp
 

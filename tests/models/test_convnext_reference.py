@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_rel, fp32_state_dict
+from geodino.testing import assert_close_rel, fp32_state_dict
 
 from geodino.models import DinoConvNeXt, convnext
 from geodino.models.convnext import CONVNEXT_SIZES

@@ -17,7 +17,7 @@ from geodino.models.registry import (
     read_state_dict,
 )
 
-from conftest import assert_close_rel, fp32_state_dict
+from geodino.testing import assert_close_rel, fp32_state_dict
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_PARAMS_M))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from geodino.testing import assert_close_rel
 
 from geodino.models import RopePositionEmbedding
 from geodino.models.rope import apply_rope, rope_rotate_half

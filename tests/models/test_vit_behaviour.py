@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from geodino.testing import assert_close_rel
 
 from geodino.models import DinoVisionTransformer, dinov3_vit
 
