@@ -104,3 +104,26 @@ def compare(trained, random_init) -> dict:
         "land_cover_balanced_acc": {"trained": land_cover_probe(trained), "random_init": land_cover_probe(random_init),
                                     "chance": 0.25},
     }
+
+
+@torch.no_grad()
+def gram_agreement_heldout(student, gram_teacher, n_chips: int = 32, size: int = 64, gram_size: int = 128,
+                           seed: int = 20_000) -> float:
+    """Patch-similarity agreement (geodino.train.gram.gram_agreement) between a student at `size` and a
+    Gram teacher at `gram_size` on held-out chips of the sample (same region, teacher tokens resized
+    bicubically to the student grid, as in training)."""
+    from geodino.data.sources.raster import RasterSource
+    from geodino.losses import resize_gram_teacher_tokens
+    from geodino.train.gram import gram_agreement
+
+    contract = student.geodino_contract
+    src = RasterSource([str(sample_sat_path())], chip_size=size, length=n_chips, seed=seed)
+    x = torch.stack([_normalise(src[i], contract) for i in range(n_chips)])
+    xg = F.interpolate(x, size=(gram_size, gram_size), mode="bicubic", align_corners=False)
+    student.eval()
+    gram_teacher.eval()
+    s = student.forward_features(x)["x_norm_patchtokens"]
+    t = gram_teacher.forward_features(xg)["x_norm_patchtokens"]
+    p = int(getattr(student, "patch_size", 16))
+    t = resize_gram_teacher_tokens(t, (size // p, size // p), (gram_size // p, gram_size // p))
+    return gram_agreement(s, t)

@@ -388,16 +388,20 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def collate_for(stage_cfg, n_tokens: int, world_size: int = 1, rank: int = 0) -> Callable[[list, Any], dict]:
+def collate_for(stage_cfg, n_tokens: int | None, world_size: int = 1, rank: int = 0,
+                patch_size: int = 16) -> Callable[[list, Any], dict]:
     """The batch collate. With ``world_size > 1`` the iBOT masks are drawn for the *global* batch (the
     same draws a one-process run of batch ``world_size × B`` makes from the same per-batch seed) and this
     rank's images' masks are sliced out (`geodino.train.distributed.rank_masks`)."""
     from geodino.data.collate import collate_data_and_cast
     from geodino.data.masking import MaskingGenerator
 
-    side = int(round(math.sqrt(n_tokens)))
+    fixed_side = None if n_tokens is None else int(round(math.sqrt(n_tokens)))
 
     def collate(samples: list, rng: random.Random) -> dict:
+        # n_tokens None: the global crop size varies per batch (high-res adaptation); read it off the crops
+        side = fixed_side if fixed_side is not None else int(samples[0]["global_crops"][0].shape[-1]) // patch_size
+        n_tokens = side * side
         gen = MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * side * side, rng=rng)
         kw = dict(mask_ratio_tuple=tuple(stage_cfg.ibot.mask_ratio_min_max),
                   mask_probability=float(stage_cfg.ibot.mask_sample_probability), n_tokens=n_tokens)

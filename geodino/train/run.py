@@ -13,10 +13,10 @@ from geodino.errors import GeodinoError
 
 log = logging.getLogger("geodino")
 
-IMPLEMENTED_STAGES = ("pretrain",)
+IMPLEMENTED_STAGES = ("pretrain", "gram", "highres")
+# The stage a `init=` run must come from (dinov3_spec.md §6, "How the stages chain").
+PREDECESSORS = {"gram": ("pretrain", "gram"), "highres": ("gram", "highres")}
 PLANNED_STAGES = {
-    "gram": "Gram anchoring",
-    "highres": "high-resolution adaptation",
     "distill": "multi-student distillation",
     "text": "dino.txt text alignment",
 }
@@ -96,6 +96,10 @@ def _run_train(cfg, dist_info):
     from geodino.train.ssl import SSLMetaArch
 
     stage = str(cfg.stage.name)
+    if stage == "text":  # dino.txt: its own data (image–caption pairs) and meta-architecture
+        from geodino.text.train import run_text_train
+
+        return run_text_train(cfg, dist_info)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     info = build_source(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress))
@@ -114,21 +118,54 @@ def _run_train(cfg, dist_info):
     if is_main:
         prepare_run_dir(run_dir, cfg)
 
-    backbone = build_backbone_for(cfg, info)
+    init_ckpt = None
+    if stage in PREDECESSORS:
+        from geodino.train.gram import load_init
+
+        init_ckpt = load_init(cfg.get("init"), PREDECESSORS[stage])
+        _inherit_predecessor(cfg, init_ckpt, info)
+        backbone = _backbone_from_init(init_ckpt, "student")
+    else:
+        backbone = build_backbone_for(cfg, info)
     contract = backbone.geodino_contract
     crops = cfg.stage.crops
-    augment = MultiCropAugmentation(
-        global_crops_size=int(crops.global_crops_size), local_crops_size=int(crops.local_crops_size),
-        local_crops_number=int(crops.local_crops_number), global_crops_scale=tuple(crops.global_crops_scale),
-        local_crops_scale=tuple(crops.local_crops_scale), horizontal_flips=bool(crops.horizontal_flips),
-        mean=info.mean, std=info.std, n_bands=info.n_bands,
-        rgb_indices=info.rgb_indices if info.n_bands != 3 else None,
-    )
     patch = int(contract["patch_size"])
-    if int(crops.global_crops_size) % patch or int(crops.local_crops_size) % patch:
-        raise GeodinoError(f"crop sizes {crops.global_crops_size}/{crops.local_crops_size} must be multiples of the patch size {patch}")
-    n_tokens = (int(crops.global_crops_size) // patch) ** 2
-    meta = SSLMetaArch(backbone, cfg.stage)
+
+    def multicrop(global_size, local_size, gram_size=None):
+        for name, size in (("global", global_size), ("local", local_size), ("gram teacher", gram_size)):
+            if size is not None and int(size) % patch:
+                raise GeodinoError(f"{name} crop size {size} must be a multiple of the patch size {patch}")
+        return MultiCropAugmentation(
+            global_crops_size=int(global_size), local_crops_size=int(local_size),
+            local_crops_number=int(crops.local_crops_number), global_crops_scale=tuple(crops.global_crops_scale),
+            local_crops_scale=tuple(crops.local_crops_scale), horizontal_flips=bool(crops.horizontal_flips),
+            mean=info.mean, std=info.std, n_bands=info.n_bands,
+            rgb_indices=info.rgb_indices if info.n_bands != 3 else None,
+            gram_teacher_crops_size=None if gram_size is None else int(gram_size),
+            gram_teacher_no_distortions=bool(crops.get("gram_teacher_no_distortions", False)),
+        )
+
+    ws, rank = dist_info.world_size, dist_info.rank
+    if stage == "highres":
+        from geodino.train.gram import MultiResolutionDataset
+
+        hr = cfg.stage.highres
+        sizes = list(zip(hr.global_crops_sizes, hr.local_crops_sizes, hr.gram_teacher_crops_sizes))
+        dataset = MultiResolutionDataset(info.source, [multicrop(*s) for s in sizes], list(hr.probabilities),
+                                         samples_per_batch=int(cfg.train.batch_size) * ws, seed=int(cfg.seed))
+        n_tokens = None  # read off each batch
+    else:
+        gram_size = crops.get("gram_teacher_crops_size") if stage == "gram" else None
+        dataset = AugmentedDataset(info.source, multicrop(crops.global_crops_size, crops.local_crops_size, gram_size),
+                                   seed=int(cfg.seed))
+        n_tokens = (int(crops.global_crops_size) // patch) ** 2
+    if init_ckpt is not None:
+        from geodino.train.gram import GramMetaArch
+
+        meta = GramMetaArch(backbone, cfg.stage, _gram_teacher(cfg, init_ckpt))
+        _load_predecessor_state(meta, init_ckpt, cfg.get("init"))
+    else:
+        meta = SSLMetaArch(backbone, cfg.stage)
     if cfg.train.get("grad_checkpointing"):
         meta.student.backbone.set_grad_checkpointing(True)
     mode = str(cfg.train.get("parallel", "ddp"))
@@ -136,13 +173,13 @@ def _run_train(cfg, dist_info):
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     parallel = wrap_student(meta, mode, param_dtype=torch.bfloat16 if (bf16 and mode == "fsdp2") else None,
                             info=dist_info)
-    ws, rank = dist_info.world_size, dist_info.rank
-    batches = IndexedBatches(AugmentedDataset(info.source, augment, seed=int(cfg.seed)), int(cfg.train.batch_size),
-                             collate_for(cfg.stage, n_tokens, ws, rank), seed=int(cfg.seed),
+    batches = IndexedBatches(dataset, int(cfg.train.batch_size),
+                             collate_for(cfg.stage, n_tokens, ws, rank, patch_size=patch), seed=int(cfg.seed),
                              num_workers=int(cfg.train.num_workers), world_size=ws, rank=rank)
     extra = {
         "contract": contract,
         "stage": stage,
+        "init": str(cfg.get("init")) if init_ckpt is not None else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "data": {"bands": info.band_names, "mean": info.mean, "std": info.std, **info.extra},
     }
@@ -192,3 +229,65 @@ def _run_train(cfg, dist_info):
     if "pca_png" in summary:
         print(f"PCA figure:    {summary['pca_png']}")
     return run_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage chaining (gram <- pretrain, highres <- gram)
+# ------------------------------------------------------------------------------------------------
+
+def _inherit_predecessor(cfg, ckpt: dict, info) -> None:
+    """A continued stage keeps its predecessor's heads and normalisation, and needs its bands."""
+    from omegaconf import open_dict
+
+    contract = ckpt["contract"]
+    if list(info.band_names) != list(contract["bands"]):
+        raise GeodinoError(
+            f"data={cfg.data.name} has bands {', '.join(info.band_names)} but init={cfg.init} was trained on "
+            f"{', '.join(contract['bands'])}"
+        )
+    # Same normalisation as the predecessor: continuing with other statistics would shift every input.
+    info.mean, info.std = list(contract["mean"]), list(contract["std"])
+    prev = (ckpt.get("config") or {}).get("stage", {})
+    with open_dict(cfg):
+        for head in ("dino", "ibot"):
+            for key in ("head_n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers"):
+                if key in prev.get(head, {}):
+                    cfg.stage[head][key] = prev[head][key]
+
+
+def _backbone_from_init(ckpt: dict, which: str):
+    from geodino.models.registry import backbone_from_contract, load_weights_into
+
+    model = backbone_from_contract(ckpt["contract"])
+    prefix = f"{which}.backbone."
+    sd = {k[len(prefix):]: v for k, v in ckpt["models"]["meta_arch"].items() if k.startswith(prefix)}
+    load_weights_into(model, sd, source=f"the {which} backbone of the init checkpoint")
+    return model
+
+
+def _gram_teacher(cfg, ckpt: dict):
+    """The frozen Gram teacher: `stage.gram.ckpt` (any backbone file or run) or the init run's EMA teacher."""
+    from geodino.models.registry import load_backbone
+    from geodino.train.gram import copy_backbone
+
+    path = cfg.stage.gram.get("ckpt")
+    if path:
+        teacher = load_backbone(str(path))
+        if teacher.geodino_contract["kwargs"] != ckpt["contract"]["kwargs"]:
+            log.warning("Gram teacher %s has a different architecture from the student; tokens are resized to the "
+                        "student grid, dims must agree", path)
+        return copy_backbone(teacher)
+    return copy_backbone(_backbone_from_init(ckpt, "teacher"))
+
+
+def _load_predecessor_state(meta, ckpt: dict, init) -> None:
+    state = ckpt["models"]["meta_arch"]
+    own = meta.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise GeodinoError(f"init={init} does not fit this stage's heads: {'; '.join(bad[:4])}")
+    missing, unexpected = meta.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    missing = [k for k in missing if not k.startswith("gram_teacher.") and k != "gram_updates"]
+    if missing:
+        raise GeodinoError(f"init={init} lacks {len(missing)} keys this stage needs ({', '.join(missing[:5])})")
+    log.info("continuing from %s (%s run, step %s)", init, ckpt.get("stage"), ckpt.get("step"))

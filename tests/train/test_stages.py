@@ -1,0 +1,108 @@
+"""Gram anchoring and high-resolution adaptation: refresh schedule, resolution draw, stage chaining."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from geodino import cli
+from geodino.errors import GeodinoError
+from geodino.models.registry import build_backbone
+from geodino.train.gram import GramMetaArch, MultiResolutionDataset, copy_backbone, gram_agreement
+
+from test_pretrain import TINY
+
+
+def _meta(**gram):
+    over = [f"stage.gram.{k}={v}" for k, v in gram.items()]
+    cfg = cli.compose("train", ["stage=gram", *TINY, *over])
+    bb = build_backbone("geodino_vit_tiny", in_chans=13)
+    return GramMetaArch(bb, cfg.stage, copy_backbone(bb))
+
+
+def test_gram_teacher_refresh_schedule():
+    meta = _meta(it_first_update=4, update_frequency=2, max_updates=2, rep_update=True)
+    refreshed = []
+    for step in range(12):
+        with torch.no_grad():  # make the EMA teacher differ from the Gram teacher
+            meta.teacher.backbone.norm.weight.add_(1.0)
+        before = meta.gram_teacher.norm.weight.clone()
+        meta.after_step(step)
+        if not torch.equal(before, meta.gram_teacher.norm.weight):
+            refreshed.append(step + 1)
+            assert torch.equal(meta.gram_teacher.norm.weight, meta.teacher.backbone.norm.weight)
+    # (it+1) >= 4 and (it+1) % 2 == 0, at most 2 times -> after iterations 4 and 6, then frozen
+    assert refreshed == [4, 6]
+    assert int(meta.gram_updates) == 2
+    assert "gram_updates" in meta.state_dict()  # resumes keep the count
+    assert not any(p.requires_grad for p in meta.gram_teacher.parameters())
+    meta.train()
+    assert not meta.gram_teacher.training and meta.student.training
+
+
+def test_no_refresh_when_rep_update_is_off():
+    meta = _meta(rep_update=False, it_first_update=1, update_frequency=1)
+    with torch.no_grad():
+        meta.teacher.backbone.norm.weight.add_(1.0)
+    meta.after_step(0)
+    assert int(meta.gram_updates) == 0
+    assert not torch.equal(meta.gram_teacher.norm.weight, meta.teacher.backbone.norm.weight)
+
+
+def test_resolution_draw_follows_probabilities_and_is_per_batch():
+    class Aug:
+        def __init__(self, k):
+            self.k = k
+
+        def __call__(self, img, generator=None):
+            return {"global_crops": [torch.full((1, 1, 1), float(self.k))], "local_crops": []}
+
+    ds = MultiResolutionDataset([torch.zeros(1)] * 10**6, [Aug(k) for k in range(3)], [0.6, 0.3, 0.1],
+                                samples_per_batch=4, seed=0)
+    draws = [ds.setting_for_batch(b) for b in range(5000)]
+    freq = Counter(draws)
+    assert abs(freq[0] / 5000 - 0.6) < 0.03 and abs(freq[1] / 5000 - 0.3) < 0.03 and abs(freq[2] / 5000 - 0.1) < 0.02
+    for b in range(50):  # every sample of a global batch shares the batch's setting
+        settings = {ds[b * 4 + j]["crop_setting"] for j in range(4)}
+        assert settings == {ds.setting_for_batch(b)}
+    again = MultiResolutionDataset([torch.zeros(1)] * 10, [Aug(k) for k in range(3)], [0.6, 0.3, 0.1], 4, seed=0)
+    assert [again.setting_for_batch(b) for b in range(100)] == draws[:100]
+    with pytest.raises(ValueError, match="probabilities"):
+        MultiResolutionDataset([], [Aug(0)], [0.5, 0.5], 4)
+
+
+def test_gram_agreement_is_one_for_identical_features_and_lower_otherwise():
+    x = torch.randn(2, 16, 8)
+    assert gram_agreement(x, x) == pytest.approx(1.0, abs=1e-6)
+    assert gram_agreement(x, torch.randn(2, 16, 8)) < 0.5
+
+
+@pytest.mark.slow
+def test_stages_chain_from_the_cli(tmp_path):
+    common = [*TINY, "train.iterations=2", "train.checkpoint_every=2"]
+    assert cli.main(["train", f"run_dir={tmp_path / 'pre'}", *common]) == 0
+    assert cli.main(["train", "stage=gram", f"init={tmp_path / 'pre'}", f"run_dir={tmp_path / 'gram'}",
+                     "stage.gram.it_first_update=1", "stage.gram.update_frequency=1", *common]) == 0
+    assert cli.main(["train", "stage=highres", f"init={tmp_path / 'gram'}", f"run_dir={tmp_path / 'hr'}", *common]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "hr" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["global_crops_size"] in (64, 96) and r["gram_crops_size"] in (96, 144)
+        assert r["loss_gram"] >= 0 and 0 < r["gram_agreement"] <= 1
+    gram_rows = [json.loads(line) for line in (tmp_path / "gram" / "metrics.jsonl").read_text().splitlines()]
+    assert gram_rows[-1]["gram_updates"] == 2
+    ckpt = torch.load(tmp_path / "hr" / "checkpoints" / "step_00000002.pt", weights_only=False)
+    assert ckpt["stage"] == "highres" and ckpt["init"] == str(tmp_path / "gram")
+    assert any(k.startswith("gram_teacher.") for k in ckpt["models"]["meta_arch"])
+    from geodino.models.registry import load_backbone
+
+    assert load_backbone(tmp_path / "hr").geodino_contract["in_chans"] == 13
+
+
+def test_wrong_or_missing_predecessor_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["train", "stage=gram", f"run_dir={tmp_path}/g", *TINY]) == 2
+    assert "pass init=" in capsys.readouterr().err
+    assert cli.main(["train", "stage=highres", f"init={tmp_path}/nothing", f"run_dir={tmp_path}/h", *TINY]) == 2
+    assert "does not exist" in capsys.readouterr().err
