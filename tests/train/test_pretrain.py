@@ -147,3 +147,23 @@ def test_one_teacher_forward_per_step_and_metrics(tmp_path, monkeypatch):
     assert bb.geodino_contract["bands"] == contract["bands"]
     out = bb.forward_features(torch.zeros(1, 13, 32, 32))
     assert out["x_norm_patchtokens"].shape == (1, 4, 96)
+
+
+@pytest.mark.slow
+def test_user_style_sat_config_trains_on_a_folder(tmp_path):
+    """`data=sat data.paths=[<folder>]` as a user would write it, on a copy of the real sample."""
+    import shutil
+
+    from geodino.data.sample import sample_sat_path
+
+    folder = tmp_path / "my_archive" / "2016"
+    folder.mkdir(parents=True)
+    shutil.copy(sample_sat_path(), folder / "S2_scene_a.tif")
+    run = tmp_path / "run"
+    assert cli.main(["train", "data=sat", f"data.paths=[{folder.parent}]", "data.chip_size=48",
+                     "data.sensor=sentinel2", f"run_dir={run}", "train.iterations=2", *TINY]) == 0
+    rows = _losses(run)
+    assert sorted(rows) == [0, 1] and all(math.isfinite(r["loss"]) for r in rows.values())
+    ckpt = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=False)
+    assert ckpt["data"]["files"] == [str(folder / "S2_scene_a.tif")]
+    assert ckpt["contract"]["bands"][-1] == "B12"
