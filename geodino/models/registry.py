@@ -110,15 +110,14 @@ def _arch(name: str) -> dict:
 
 
 def build_backbone(name: str, in_chans: int | None = None, device: str | torch.device | None = None,
-                   init: bool = True, **overrides) -> nn.Module:
-    """A backbone by name with random (official-scheme) init; `overrides` change constructor kwargs."""
+                   **overrides) -> nn.Module:
+    """A backbone by name with random (official-scheme) init, done by the constructor (skipped on the
+    meta device); `overrides` change constructor kwargs."""
     spec = _arch(name)
     kwargs = {**spec["kwargs"], **overrides}
     if in_chans is not None:
         kwargs["in_chans"] = int(in_chans)
     model = _construct(spec["family"], kwargs, device)
-    if init and str(device) != "meta":
-        model.init_weights()
     model.geodino_contract = make_contract(name, spec["family"], kwargs, mean=spec["mean"], std=spec["std"])
     return model
 
@@ -297,7 +296,7 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
     """
     name = str(name_or_path)
     if name in ARCHS:
-        model = build_backbone(name, in_chans=None, device="cpu", init=weights is None, **overrides)
+        model = build_backbone(name, in_chans=None, device="cpu", **overrides)
         contract = model.geodino_contract
         if weights is not None:
             sd, _ = read_state_dict(weights)
