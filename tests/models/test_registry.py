@@ -167,3 +167,12 @@ def test_export_cli(tmp_path, official_vit_file, capsys):
     assert cli.main(["export", f"checkpoint={tmp_path / 'missing.pt'}"]) == 2
     err = capsys.readouterr().err
     assert "no such file or run directory" in err and "missing.pt" in err and "Traceback" not in err
+
+
+def test_public_api_reexports():
+    import geodino
+
+    assert geodino.load_backbone is load_backbone
+    assert geodino.build_backbone is build_backbone
+    m = geodino.build_backbone("geodino_vit_tiny", in_chans=4)
+    assert m.geodino_contract["in_chans"] == 4
