@@ -1,0 +1,411 @@
+"""Open-vocabulary segmentation with a dino.txt model (dinov3_spec.md §8, the segmentation notebooks).
+
+    seg = geodino.OpenVocabSegmenter.from_checkpoint("outputs/train/text/<run>")
+    result = seg.segment("scene.tif", ["building", "road", "water", "forest"], background=0.4)
+    result.labels      # (H, W) int16: index into result.class_names; -1 background, -2 nodata
+    result.scores      # (H, W) float32: probability of the winning class
+
+Text side: every class name is put into each prompt template, encoded, and the half of the joint embedding that is
+aligned with the pooled patch tokens (``[E/2:]`` for ``[cls || patch]`` models) is kept, L2-normalised, averaged
+over the templates and normalised again. Image side: the input is scaled and normalised with the backbone's
+contract, padded to a multiple of the patch size, and the head's patch tokens (``patch_features="head"``, the
+default; ``"backbone"`` uses the frozen backbone's tokens through the head projection, as one official notebook
+does) are L2-normalised; their cosine with every class, times the learned ``exp(logit_scale)``, is upsampled
+bilinearly to the input resolution and turned into class probabilities with a softmax. Inputs larger than
+``tile`` are processed as overlapping tiles blended with ramp weights (geodino.segment.tiling).
+
+Inputs: numpy arrays (HWC or CHW; 2-D for one band), PIL images, torch tensors (CHW or 1CHW) or a path (GeoTIFF
+of any band count, or a photo). GeoTIFFs and integer arrays are divided by the checkpoint's data scale (when the
+run did not fix one: 255 for 8-bit data, 10000 otherwise, as in training); float arrays and tensors are taken as
+already in [0, 1]; photos are divided by 255.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geodino.errors import DataError, GeodinoError
+
+log = logging.getLogger("geodino")
+
+__all__ = ["OpenVocabSegmenter", "SegmentationResult", "TEMPLATES", "RS_TEMPLATES", "BACKGROUND", "NODATA",
+           "resolve_templates"]
+
+BACKGROUND = -1
+NODATA = -2
+
+#: Remote-sensing prompt templates.
+RS_TEMPLATES: tuple[str, ...] = (
+    "a satellite image of {}.",
+    "an aerial image of {}.",
+    "a remote sensing image of {}.",
+    "a satellite photo of {}.",
+    "an aerial view of {}.",
+    "an overhead view of {}.",
+    "{} seen from above.",
+    "a top-down view of {}.",
+)
+
+
+def _open_clip_templates(name: str) -> tuple[str, ...]:
+    from open_clip import zero_shot_metadata as z
+
+    table = {"openai": z.OPENAI_IMAGENET_TEMPLATES, "simple": z.SIMPLE_IMAGENET_TEMPLATES}[name]
+    return tuple(t("{}") for t in table)
+
+
+TEMPLATES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "default": lambda: ("{}",) + RS_TEMPLATES,
+    "rs": lambda: RS_TEMPLATES,
+    "openai": lambda: _open_clip_templates("openai"),  # the 80 CLIP ImageNet templates (the notebook's choice)
+    "simple": lambda: _open_clip_templates("simple"),
+    "none": lambda: ("{}",),
+}
+
+
+def resolve_templates(templates: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A template set name (default, rs, openai, simple, none) or a list of strings with one ``{}``."""
+    if templates is None:
+        templates = "default"
+    if isinstance(templates, str):
+        if "{}" in templates:
+            return (templates,)
+        if templates not in TEMPLATES:
+            raise GeodinoError(f"unknown template set '{templates}'; choose one of {', '.join(TEMPLATES)} "
+                               "or pass a list of strings with a '{}' placeholder")
+        return TEMPLATES[templates]()
+    out = []
+    for t in templates:
+        if callable(t):
+            t = t("{}")
+        t = str(t)
+        if t.count("{}") != 1:
+            raise GeodinoError(f"prompt template '{t}' must contain exactly one '{{}}' for the class name")
+        out.append(t)
+    if not out:
+        raise GeodinoError("the list of prompt templates is empty")
+    return tuple(out)
+
+
+def check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts is None:
+        prompts = []
+    prompts = list(prompts)
+    if not prompts:
+        raise GeodinoError("segment needs at least one class prompt, e.g. ['building', 'road', 'water']")
+    bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise GeodinoError(f"class prompts must be non-empty strings; got {bad[:3]!r}")
+    if len(prompts) > 250:
+        raise GeodinoError(f"{len(prompts)} prompts: at most 250 classes fit the uint8 label raster")
+    if len(set(prompts)) != len(prompts):
+        raise GeodinoError(f"duplicate class prompts: {sorted({p for p in prompts if prompts.count(p) > 1})}")
+    return [p.strip() for p in prompts]
+
+
+@dataclass
+class SegmentationResult:
+    labels: np.ndarray  # (H, W) int16: class index, BACKGROUND (-1) or NODATA (-2)
+    scores: np.ndarray  # (H, W) float32: winning-class probability (0 at nodata)
+    class_names: list[str]
+    probabilities: np.ndarray | None = None  # (K, H, W) float32 when requested
+    valid: np.ndarray | None = None  # (H, W) bool
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.labels.shape)
+
+    def label_names(self) -> np.ndarray:
+        """(H, W) array of class names ('background' / 'nodata' where applicable)."""
+        names = np.array(["nodata", "background", *self.class_names], dtype=object)
+        return names[self.labels.astype(np.int64) + 2]
+
+
+def default_scale(dtype) -> float:
+    return 255.0 if np.dtype(dtype) == np.uint8 else 10000.0
+
+
+class OpenVocabSegmenter:
+    """Per-pixel open-vocabulary labels from a dino.txt model (see module doc)."""
+
+    def __init__(self, model, contract: dict, scale: float | None = None, device: str | torch.device = "cpu",
+                 patch_features: str = "head", tile: int = 512, overlap: int = 64, blend: str = "linear",
+                 info: dict | None = None):
+        from geodino.text.dinotxt import DinoTxt
+
+        if not isinstance(model, DinoTxt):
+            raise GeodinoError(f"OpenVocabSegmenter needs a dino.txt model, got {type(model).__name__}")
+        if not model.cfg.use_patch_tokens:
+            raise GeodinoError("this dino.txt model has no patch-token half (use_patch_tokens=False): it cannot segment")
+        if patch_features not in ("head", "backbone"):
+            raise GeodinoError(f"patch_features must be head or backbone, got '{patch_features}'")
+        self.device = _device(device)
+        self.model = model.to(self.device).eval()
+        self.contract = dict(contract)
+        self.bands = list(contract["bands"])
+        self.in_chans = int(contract["in_chans"])
+        self.patch = int(contract["patch_size"])
+        self.mean = torch.tensor(contract["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(contract["std"], dtype=torch.float32).view(-1, 1, 1)
+        self.scale = None if scale is None else float(scale)
+        self.patch_features = patch_features
+        self.tile = int(tile)
+        self.overlap = int(overlap)
+        self.blend = blend
+        self.info = dict(info or {})
+        self._text_cache: dict[tuple, torch.Tensor] = {}
+        if self.tile % self.patch:
+            raise GeodinoError(f"tile={self.tile} must be a multiple of the patch size {self.patch}")
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> "OpenVocabSegmenter":
+        """From a ``geodino train stage=text`` run directory or checkpoint file."""
+        from geodino.text.train import load_dinotxt
+
+        model, meta = load_dinotxt(path)
+        scale = kwargs.pop("scale", meta.get("data", {}).get("scale"))
+        return cls(model, meta["contract"], scale=scale, device=device, info=meta, **kwargs)
+
+    # -- text -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str], templates: str | Sequence[str] | None = "default") -> torch.Tensor:
+        """(K, E') class embeddings aligned with the patch tokens (template-ensembled, L2-normalised)."""
+        prompts = check_prompts(prompts)
+        temps = resolve_templates(templates)
+        key = (tuple(prompts), temps)
+        if key in self._text_cache:
+            return self._text_cache[key]
+        texts = [t.format(p) for p in prompts for t in temps]
+        tokens = self.model.tokenize(texts).to(self.device)
+        feats = torch.cat([self.model.encode_text(chunk) for chunk in tokens.split(256)])
+        cfg = self.model.cfg
+        if cfg.use_class_token and cfg.use_patch_tokens:
+            feats = feats[:, feats.shape[1] // 2:]
+        feats = F.normalize(feats.float(), dim=-1).view(len(prompts), len(temps), -1).mean(1)
+        emb = F.normalize(feats, dim=-1)
+        if len(self._text_cache) > 16:
+            self._text_cache.clear()
+        self._text_cache[key] = emb
+        return emb
+
+    # -- image ----------------------------------------------------------------------------------------------------
+    def _scale_for(self, dtype) -> float:
+        return self.scale if self.scale is not None else default_scale(dtype)
+
+    def to_float(self, arr: np.ndarray | torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Integer data / scale (clipped to [0, 1]); floats unchanged."""
+        t = torch.as_tensor(arr) if not isinstance(arr, torch.Tensor) else arr
+        if t.dtype == torch.bool:
+            raise DataError("a boolean array is not an image")
+        if t.is_floating_point():
+            return t.float()
+        s = float(scale) if scale is not None else self._scale_for(np.dtype(str(t.dtype).replace("torch.", "")))
+        return (t.float() / s).clamp_(0.0, 1.0)
+
+    def _band_error(self, n: int, what: str) -> GeodinoError:
+        return GeodinoError(f"{what} has {n} band{'s' if n != 1 else ''}; this model takes {self.in_chans} "
+                            f"({', '.join(self.bands)})")
+
+    def load_image(self, image: Any, scale: float | None = None) -> tuple[torch.Tensor, np.ndarray, dict]:
+        """Any supported input -> ((C, H, W) float32 in [0, 1], valid (H, W) bool, raster info)."""
+        info: dict = {}
+        if isinstance(image, (str, Path)):
+            path = Path(str(image)).expanduser()
+            if not path.is_file():
+                raise DataError(f"image {path} does not exist")
+            if path.suffix.lower() in (".tif", ".tiff", ".vrt", ".jp2", ".img"):
+                return self._load_raster(path, scale)
+            from PIL import Image
+
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    image = im.copy()
+            except Exception as e:
+                raise DataError(f"cannot read image {path}: {e}") from e
+            info["path"] = str(path)
+        try:
+            from PIL import Image as _PIL
+        except ImportError:  # pragma: no cover
+            _PIL = None
+        if _PIL is not None and isinstance(image, _PIL.Image):
+            if self.in_chans == 3:
+                arr = np.asarray(image.convert("RGB"))
+            elif self.in_chans == 1:
+                arr = np.asarray(image.convert("L"))[..., None]
+            else:
+                raise self._band_error(len(image.getbands()), f"PIL image (mode {image.mode})")
+            x = self.to_float(np.ascontiguousarray(arr.transpose(2, 0, 1)), scale=255.0 if scale is None else scale)
+            return x, np.ones(x.shape[1:], bool), info
+        if isinstance(image, np.ndarray) or isinstance(image, torch.Tensor):
+            t = image
+            if isinstance(t, torch.Tensor):
+                t = t.detach().cpu()
+                if t.ndim == 4:
+                    if t.shape[0] != 1:
+                        raise DataError(f"segment takes one image; got a batch of {t.shape[0]} (shape {tuple(t.shape)})")
+                    t = t[0]
+            if t.ndim == 2:
+                t = t[None]
+            if t.ndim != 3:
+                raise DataError(f"an image must be 2-D or 3-D (HWC / CHW); got shape {tuple(t.shape)}")
+            c = self.in_chans
+            if t.shape[0] == c:
+                chw = t
+            elif t.shape[-1] == c:
+                chw = t.permute(2, 0, 1) if isinstance(t, torch.Tensor) else np.ascontiguousarray(t.transpose(2, 0, 1))
+            else:
+                n = t.shape[0] if t.shape[0] <= t.shape[-1] else t.shape[-1]
+                raise self._band_error(n, f"array of shape {tuple(t.shape)}")
+            x = self.to_float(chw if isinstance(chw, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chw)), scale)
+            valid = ~torch.isnan(x).any(0)
+            return torch.nan_to_num(x), valid.numpy(), info
+        raise DataError(f"cannot segment a {type(image).__name__}: pass a numpy array, PIL image, torch tensor or a path")
+
+    def _band_indices(self, names: list[str], count: int, path) -> list[int]:
+        """Raster bands to read: by name when the descriptions hold the model's bands, else all in order."""
+        if all(b in names for b in self.bands) and len(set(self.bands)) == len(self.bands):
+            return [names.index(b) for b in self.bands]
+        if count == self.in_chans:
+            return list(range(count))
+        raise self._band_error(count, f"raster {path} ({', '.join(names)})")
+
+    def _load_raster(self, path: Path, scale) -> tuple[torch.Tensor, np.ndarray, dict]:
+        import rasterio
+
+        try:
+            with rasterio.open(path) as src:
+                names = [d if d else f"band_{i + 1}" for i, d in enumerate(src.descriptions)]
+                idx = self._band_indices(names, src.count, path)
+                arr = src.read([i + 1 for i in idx])
+                nodata = src.nodata
+                info = {"path": str(path), "crs": src.crs, "transform": src.transform, "nodata": nodata}
+        except GeodinoError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read raster {path}: {e}") from e
+        valid = valid_mask(arr, nodata)
+        s = scale if scale is not None else self._scale_for(arr.dtype)
+        # as in training (geodino.text.data): raster values / scale, clipped to [0, 1]
+        x = (torch.from_numpy(arr.astype(np.float32)) / s).clamp_(0.0, 1.0)
+        x = torch.nan_to_num(x) * torch.from_numpy(valid)[None]
+        return x, valid, info
+
+    # -- prediction -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def patch_similarity(self, x01: torch.Tensor, valid: np.ndarray | torch.Tensor | None,
+                         text: torch.Tensor) -> torch.Tensor:
+        """(C, h, w) image in [0, 1] -> (K, h, w) cosine maps upsampled bilinearly (times exp(logit_scale))."""
+        c, h, w = x01.shape
+        if c != self.in_chans:
+            raise self._band_error(c, "image")
+        x = (x01.float() - self.mean) / self.std
+        if valid is not None:
+            v = torch.as_tensor(np.asarray(valid))
+            if not bool(v.all()):
+                x = x * v[None].to(x.dtype)  # nodata -> 0 = the band mean
+        p = self.patch
+        ph, pw = math.ceil(h / p) * p, math.ceil(w / p) * p
+        if (ph, pw) != (h, w):
+            x = F.pad(x[None], (0, pw - w, 0, ph - h), mode="replicate")[0]
+        x = x[None].to(self.device)
+        if self.patch_features == "head":
+            _, patches, _ = self.model.encode_image_with_patch_tokens(x)
+        else:
+            _, _, bb = self.model.visual_model.get_class_and_patch_tokens(x)
+            patches = self.model.visual_model.head.linear_projection(bb)
+        gh, gw = ph // p, pw // p
+        feats = F.normalize(patches[0].float(), dim=-1)  # (N, E')
+        if feats.shape[-1] != text.shape[-1]:
+            raise GeodinoError(f"patch features have {feats.shape[-1]} dims, the text embeddings {text.shape[-1]}")
+        cos = (text.to(feats.device) @ feats.t()).view(-1, gh, gw)
+        logits = cos * self.model.logit_scale.exp().float().reshape(())
+        up = F.interpolate(logits[None], size=(ph, pw), mode="bilinear", align_corners=False)[0]
+        return up[:, :h, :w]
+
+    def predictor(self, text: torch.Tensor) -> Callable:
+        def predict(image: torch.Tensor | np.ndarray, valid) -> torch.Tensor:
+            x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image))
+            return self.patch_similarity(x, valid, text).softmax(dim=0).cpu()
+
+        return predict
+
+    def segment(self, image: Any, prompts: Sequence[str], background: float | None = None,
+                templates: str | Sequence[str] | None = "default", tile: int | None = None,
+                overlap: int | None = None, return_probabilities: bool = False, scale: float | None = None,
+                progress: bool = False) -> SegmentationResult:
+        """Per-pixel labels and scores at the input resolution (see module doc).
+
+        ``background``: a probability threshold; pixels whose winning class scores below it are BACKGROUND (-1).
+        """
+        prompts = check_prompts(prompts)
+        if background is not None and not 0.0 <= float(background) <= 1.0:
+            raise GeodinoError(f"background is a probability threshold in [0, 1], got {background}")
+        text = self.text_embeddings(prompts, templates)
+        x, valid, info = self.load_image(image, scale=scale)
+        _, H, W = x.shape
+        if H < 1 or W < 1:
+            raise DataError(f"empty image of shape {tuple(x.shape)}")
+        K = len(prompts)
+        labels = np.full((H, W), NODATA, np.int16)
+        scores = np.zeros((H, W), np.float32)
+        probs_out = np.zeros((K, H, W), np.float32) if return_probabilities else None
+
+        def read(y, x0, h, w):
+            return x[:, y:y + h, x0:x0 + w], valid[y:y + h, x0:x0 + w]
+
+        def emit(y, x0, probs, v):
+            lab, sc = decide(probs, v, background)
+            labels[y:y + lab.shape[0], x0:x0 + lab.shape[1]] = lab
+            scores[y:y + lab.shape[0], x0:x0 + lab.shape[1]] = sc
+            if probs_out is not None:
+                probs_out[:, y:y + lab.shape[0], x0:x0 + lab.shape[1]] = probs
+
+        from geodino.segment.tiling import blend_tiles
+
+        stats = blend_tiles(H, W, int(tile or self.tile), int(self.overlap if overlap is None else overlap), read,
+                            self.predictor(text), emit, blend=self.blend, progress=progress)
+        return SegmentationResult(labels, scores, prompts, probs_out, valid, {**info, **stats})
+
+
+def decide(probs: np.ndarray, valid: np.ndarray, background: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(K, h, w) probabilities -> (labels int16 with BACKGROUND / NODATA, winning score float32)."""
+    sc_t, lab_t = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)).max(dim=0)
+    lab = lab_t.numpy().astype(np.int16)
+    sc = sc_t.numpy()
+    if background is not None:
+        lab[sc < float(background)] = BACKGROUND
+    lab[~valid] = NODATA
+    sc[~valid] = 0.0
+    return lab, sc
+
+
+def valid_mask(arr: np.ndarray, nodata) -> np.ndarray:
+    """(C, h, w) -> pixels that are not nodata in every band (and not NaN)."""
+    valid = np.ones(arr.shape[1:], bool)
+    if np.issubdtype(arr.dtype, np.floating):
+        valid &= ~np.isnan(arr).any(0)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        valid &= ~(arr == nodata).all(0)
+    return valid
+
+
+def _device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GeodinoError(f"device={device} was requested but no CUDA device is visible; use device=cpu")
+    return dev
