@@ -13,11 +13,10 @@ from geodino.errors import GeodinoError
 
 log = logging.getLogger("geodino")
 
-IMPLEMENTED_STAGES = ("pretrain", "gram", "highres")
+IMPLEMENTED_STAGES = ("pretrain", "gram", "highres", "distill")
 # The stage a `init=` run must come from (dinov3_spec.md §6, "How the stages chain").
 PREDECESSORS = {"gram": ("pretrain", "gram"), "highres": ("gram", "highres")}
 PLANNED_STAGES = {
-    "distill": "multi-student distillation",
     "text": "dino.txt text alignment",
 }
 
@@ -100,6 +99,10 @@ def _run_train(cfg, dist_info):
         from geodino.text.train import run_text_train
 
         return run_text_train(cfg, dist_info)
+    if stage == "distill":  # one frozen teacher, several students (geodino.train.distill)
+        from geodino.train.distill import run_distill
+
+        return run_distill(cfg, dist_info)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     info = build_source(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress))
