@@ -129,7 +129,6 @@ def blend_tiles(height: int, width: int, tile: int, overlap: int, read: Callable
                 probs = np.asarray(probs, dtype=np.float32)
                 if probs.ndim != 3 or probs.shape[1:] != (th, tw):
                     raise GeodinoError(f"predict returned shape {probs.shape}, expected (classes, {th}, {tw})")
-                k = probs.shape[0]
                 key = (i, j)
                 wkey = (_sides(starts_y, th, i), _sides(starts_x, tw, j))
                 wgt = weights_cache.get(wkey)

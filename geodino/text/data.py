@@ -196,16 +196,11 @@ class CaptionSource(torch.utils.data.Dataset):
             x = np.clip(x / scale, 0.0, 1.0)
             x[:, bad] = np.nan
             return torch.from_numpy(x)
-        from PIL import Image
-
         if self.n_bands != 3:
             raise DataError(f"{path} is a photo (R, G, B) but the caption data has {self.n_bands} bands")
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception as e:
-            raise DataError(f"cannot read image {path}: {e}") from e
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        from geodino.data.sources.folder import read_photo
+
+        return read_photo(path)
 
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[int(i) % len(self.pairs)]

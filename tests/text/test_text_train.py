@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from geodino import cli
-from geodino.errors import DataError, GeodinoError
+from geodino.errors import DataError
 from geodino.train import loop
 
 

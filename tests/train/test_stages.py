@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from geodino import cli
-from geodino.errors import GeodinoError
 from geodino.models.registry import build_backbone
 from geodino.train.gram import GramMetaArch, MultiResolutionDataset, copy_backbone, gram_agreement
 

@@ -84,12 +84,16 @@ class FolderSource(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
+        return read_photo(self.files[int(index) % len(self.files)])
 
-        path = self.files[int(index) % len(self.files)]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception as e:
-            raise DataError(f"cannot read image {path}: {e}") from e
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+def read_photo(path: str | Path) -> torch.Tensor:
+    """An image file as a float32 RGB tensor (3, H, W) in [0, 1]; a clear error names a bad file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
