@@ -31,3 +31,12 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = (actual - expected).norm() / expected.norm().clamp_min(1e-30)
     assert err <= rtol, f"{what}: relative error {err.item():.3e} > {rtol:g}"
+
+
+def cli_error_lines(stderr: str) -> list[str]:
+    """The lines of a CLI run's stderr that are not geodino's timestamped log lines (progress logs may
+    precede a failure; the failure itself must be one `error: ...` line)."""
+    import re
+
+    log_line = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
+    return [line for line in stderr.strip().splitlines() if line.strip() and not log_line.match(line)]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from eval_fakes import eval_argv, read_results
 
+from geodino.testing import cli_error_lines
 from geodino import cli
 
 FAST = ("task.patch=32", "task.stride=16", "task.block_size=16", "task.epochs=15", "task.lr=0.01")
@@ -49,7 +50,7 @@ def test_mismatched_pair_is_a_one_line_error_naming_both_files(canopy_root, tmp_
     _rewrite_chm(canopy_root / "chm" / "tile_03.tif", **change)
     assert cli.main(eval_argv("canopy", canopy_root, tmp_path, *FAST)) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert len(cli_error_lines(err)) == 1 and cli_error_lines(err)[0].startswith("error:") and "Traceback" not in err
     assert "images/tile_03.tif" in err and re.search(message, err), err
 
 

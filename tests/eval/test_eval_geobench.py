@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from eval_fakes import eval_argv, read_results
 
+from geodino.testing import cli_error_lines
 from geodino import cli
 
 FAST = ("task.epochs=3", "task.knn_k=5", "task.linear_lrs=[0.001,0.01]", "task.batch_size=8")
@@ -50,5 +51,5 @@ def test_one_task_and_all_bands(geobench_root, tmp_path):
 def test_unknown_task_is_a_one_line_error(geobench_root, tmp_path, capsys):
     assert cli.main(eval_argv("geobench", geobench_root, tmp_path, "task.benchmark_task=m-eurosat")) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    assert len(cli_error_lines(err)) == 1 and cli_error_lines(err)[0].startswith("error:")
     assert "m-eurosat not under" in err and "available: m-fake-cls, m-fake-multilabel, m-fake-seg" in err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from eval_fakes import eval_argv, read_results
 
+from geodino.testing import cli_error_lines
 from geodino import cli
 
 FAST = ("task.window=32", "task.stride=16", "task.epochs=2", "task.batch_size=4")
@@ -56,7 +57,7 @@ def test_mask_with_label_9_is_a_one_line_error_naming_the_file(loveda_root, tmp_
     Image.fromarray(m, "L").save(bad)
     assert cli.main(eval_argv("loveda", loveda_root, tmp_path, *FAST)) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert len(cli_error_lines(err)) == 1 and cli_error_lines(err)[0].startswith("error:") and "Traceback" not in err
     assert str(bad) in err and "label value(s) 9 outside LoveDA's 0..7" in err
 
 
