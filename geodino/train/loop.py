@@ -71,9 +71,9 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float, patch_em
                     lr_mult *= patch_embed_lr_mult
             wd_mult = 0.0 if (name.endswith("bias") or "norm" in name or "gamma" in name) else 1.0
             is_last = "last_layer" in name
-            key = (round(lr_mult, 12), wd_mult, is_last)
+            key = (round(lr_mult, 12), wd_mult, is_last, is_backbone)
             g = groups.setdefault(key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "is_last_layer": is_last,
-                                        "names": []})
+                                        "is_backbone": is_backbone, "names": []})
             g["params"].append(p)
             g["names"].append(f"{mod_name}.{name}")
     return list(groups.values())
@@ -169,6 +169,7 @@ class TrainSettings:
     patch_embed_lr_mult: float = 0.2
     clip_grad: float = 3.0
     freeze_last_layer_iterations: int = 0
+    head_warmup_iterations: int = 0  # backbone LR 0 while fresh heads warm up (continuing a released backbone)
     scaling_rule: str = "none"
     momentum: float = 0.992
     final_momentum: float = 1.0
@@ -281,6 +282,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             lr = self.lr[step] * group["lr_mult"]
             if group["is_last_layer"] and step < self.s.freeze_last_layer_iterations:
+                lr = 0.0
+            if group.get("is_backbone") and step < self.s.head_warmup_iterations:
                 lr = 0.0
             group["lr"] = lr
             group["weight_decay"] = self.wd[step] * group["wd_mult"]

@@ -122,7 +122,12 @@ def _run_train(cfg, dist_info):
         prepare_run_dir(run_dir, cfg)
 
     init_ckpt = None
-    if stage in PREDECESSORS:
+    released_init = stage == "gram" and _is_released_init(cfg.get("init"))
+    if released_init:
+        # Continued pretraining from a released DINOv3 backbone: no heads in the file, so the heads
+        # start fresh and warm up on a frozen backbone (stage.head_warmup_iterations).
+        backbone = _released_backbone(cfg, info)
+    elif stage in PREDECESSORS:
         from geodino.train.gram import load_init
 
         init_ckpt = load_init(cfg.get("init"), PREDECESSORS[stage])
@@ -162,7 +167,14 @@ def _run_train(cfg, dist_info):
         dataset = AugmentedDataset(info.source, multicrop(crops.global_crops_size, crops.local_crops_size, gram_size),
                                    seed=int(cfg.seed))
         n_tokens = (int(crops.global_crops_size) // patch) ** 2
-    if init_ckpt is not None:
+    if released_init:
+        from geodino.models.registry import load_backbone
+        from geodino.train.gram import GramMetaArch, copy_backbone
+
+        # The released backbone itself is the Gram teacher unless stage.gram.ckpt names another one.
+        gram_ckpt = cfg.stage.gram.get("ckpt")
+        meta = GramMetaArch(backbone, cfg.stage, copy_backbone(load_backbone(str(gram_ckpt)) if gram_ckpt else backbone))
+    elif init_ckpt is not None:
         from geodino.train.gram import GramMetaArch
 
         meta = GramMetaArch(backbone, cfg.stage, _gram_teacher(cfg, init_ckpt))
@@ -188,6 +200,8 @@ def _run_train(cfg, dist_info):
     }
     settings = TrainSettings.from_cfg(cfg)
     settings.world_size = ws
+    if released_init:
+        settings.head_warmup_iterations = int(cfg.stage.get("head_warmup_iterations", 0))
     trainer = Trainer(meta, batches, settings, run_dir, device, checkpoint_extra=extra, is_main=is_main,
                       parallel=parallel)
     if resume_from is not None:
@@ -294,3 +308,36 @@ def _load_predecessor_state(meta, ckpt: dict, init) -> None:
     if missing:
         raise GeodinoError(f"init={init} lacks {len(missing)} keys this stage needs ({', '.join(missing[:5])})")
     log.info("continuing from %s (%s run, step %s)", init, ckpt.get("stage"), ckpt.get("step"))
+
+
+def _is_released_init(init) -> bool:
+    """`init=` names a released backbone (a registry name, or an official .pth / .safetensors file)
+    rather than a geodino training run."""
+    from geodino.models.registry import ARCHS
+
+    if not init:
+        return False
+    init = str(init)
+    return init in ARCHS or (Path(init).is_file() and Path(init).suffix in (".pth", ".safetensors"))
+
+
+def _released_backbone(cfg, info):
+    """The released backbone named by `init=` (name + model.weights, or a weights file with model=),
+    adapted to the data's bands; its contract keeps the released normalisation for RGB data."""
+    from geodino.models.registry import ARCHS, load_backbone, make_contract
+
+    init = str(cfg.init)
+    name, weights = (init, cfg.model.get("weights")) if init in ARCHS else (str(cfg.model.name), init)
+    if not weights:
+        raise GeodinoError(f"init={init} names a released backbone: pass its local weights with model.weights=<file>")
+    model = load_backbone(name, weights=str(weights), in_chans=info.n_bands, bands=info.band_names,
+                          rgb_indices=info.rgb_indices)
+    base = model.geodino_contract
+    if info.n_bands == 3:  # released RGB weights expect their own normalisation
+        info.mean, info.std = list(base["mean"]), list(base["std"])
+    model.geodino_contract = make_contract(base["name"], base["family"], base["kwargs"], bands=info.band_names,
+                                           mean=info.mean, std=info.std, input_scale=info.input_scale,
+                                           band_adaptation=base.get("band_adaptation"))
+    log.info("continuing from the released backbone %s (%s); heads start fresh and warm up for %s iterations",
+             name, weights, cfg.stage.get("head_warmup_iterations", 0))
+    return model

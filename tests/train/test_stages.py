@@ -105,3 +105,30 @@ def test_wrong_or_missing_predecessor_is_a_clear_error(tmp_path, capsys):
     assert "pass init=" in capsys.readouterr().err
     assert cli.main(["train", "stage=highres", f"init={tmp_path}/nothing", f"run_dir={tmp_path}/h", *TINY]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gram_continues_a_released_backbone_with_head_warmup(tmp_path):
+    """init=<official .pth>: RGB weights adapted to 13 bands, fresh heads warmed up on a frozen backbone,
+    the released backbone as Gram teacher."""
+    from geodino.models.registry import load_backbone
+
+    torch.manual_seed(1)
+    official = tmp_path / "released_vit_tiny.pth"
+    torch.save(build_backbone("geodino_vit_tiny").state_dict(), official)  # official keys, 3 bands
+    run = tmp_path / "gram"
+    assert cli.main(["train", "stage=gram", f"init={official}", "model=vit_tiny", f"run_dir={run}",
+                     "stage.head_warmup_iterations=2", "train.iterations=2", "train.checkpoint_every=2", *TINY]) == 0
+    ckpt = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=False)
+    assert ckpt["contract"]["band_adaptation"]["rgb_indices"] == [3, 2, 1]
+    start = load_backbone("geodino_vit_tiny", weights=official, in_chans=13,
+                          bands=ckpt["contract"]["bands"]).state_dict()
+    state = ckpt["models"]["meta_arch"]
+    for k, v in start.items():  # warm-up: the backbone has not moved, the heads have
+        assert torch.equal(state[f"student.backbone.{k}"], v), k
+        assert torch.equal(state[f"gram_teacher.{k}"], v), k
+    # the fresh heads trained (the EMA teacher's copy lags behind the student's)
+    assert not torch.equal(state["student.dino_head.mlp.0.weight"], state["teacher.dino_head.mlp.0.weight"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_gram"] >= 0 for r in rows)
+    assert cli.main(["train", "stage=gram", "init=dinov3_vits16", f"run_dir={tmp_path / 'x'}", *TINY]) == 2
