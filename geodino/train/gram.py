@@ -159,3 +159,28 @@ def copy_backbone(backbone: nn.Module) -> nn.Module:
     for p in out.parameters():
         p.requires_grad_(False)
     return out.eval()
+
+
+@torch.no_grad()
+def heldout_monitor(meta, images: torch.Tensor, gram_size: int | None = None) -> dict:
+    """Dense-feature quality on fixed held-out images (normalised, (N, C, H, W)), for every stage:
+    the student's class-token spread and patch effective rank, and, when the meta-architecture has a
+    Gram teacher, the patch-similarity agreement between the student (at H) and the Gram teacher (at
+    `gram_size`, tokens resized to the student grid)."""
+    student = meta.student.backbone
+    was_training = student.training
+    student.eval()
+    try:
+        out = student.forward_features(images)
+        stats = {f"heldout_{k}": v for k, v in meta.monitor(out["x_norm_clstoken"], out["x_norm_patchtokens"]).items()}
+        gram_teacher = getattr(meta, "gram_teacher", None)
+        if gram_teacher is not None and gram_size:
+            patch = int(getattr(student, "patch_size", 16))
+            xg = F.interpolate(images, size=(gram_size, gram_size), mode="bicubic", align_corners=False)
+            t = gram_teacher.forward_features(xg)["x_norm_patchtokens"]
+            g = images.shape[-1] // patch
+            t = resize_gram_teacher_tokens(t, (g, g), (gram_size // patch, gram_size // patch))
+            stats["heldout_gram_agreement"] = gram_agreement(out["x_norm_patchtokens"], t)
+    finally:
+        student.train(was_training)
+    return stats

@@ -201,7 +201,8 @@ class TrainSettings:
 class Trainer:
     def __init__(self, meta_arch: nn.Module, batches: IndexedBatches, settings: TrainSettings, run_dir: str | Path,
                  device: torch.device, checkpoint_extra: dict | None = None, is_main: bool = True,
-                 parallel: Parallel | None = None):
+                 parallel: Parallel | None = None, monitor: Callable[[], dict] | None = None,
+                 monitor_every: int = 0):
         # `parallel` (geodino.train.distributed.wrap_student) does the rank-aware parts: stat reduction,
         # gradient clipping of sharded parameters, full-state checkpoints. None: one process.
         self.parallel = parallel if parallel is not None else Parallel()
@@ -212,6 +213,8 @@ class Trainer:
         self.device = device
         self.extra = dict(checkpoint_extra or {})
         self.is_main = is_main
+        # Held-out dense-feature monitor (geodino.train.gram.heldout_monitor), every `monitor_every` steps.
+        self.monitor, self.monitor_every = monitor, int(monitor_every)
         n = settings.iterations
         global_batch = settings.batch_size * settings.grad_accum * settings.world_size
         peak = lr_scaled(settings.lr, global_batch, settings.scaling_rule)
@@ -338,6 +341,9 @@ class Trainer:
                 hook = getattr(self.meta, "after_step", None)
                 if hook is not None:
                     stats_acc.update(hook(step) or {})
+                if self.monitor is not None and self.monitor_every > 0 and (
+                        step % self.monitor_every == 0 or step == s.iterations - 1):
+                    stats_acc.update(self.monitor())
                 t_end = time.perf_counter()
                 row = {
                     "step": step,

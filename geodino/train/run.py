@@ -202,8 +202,10 @@ def _run_train(cfg, dist_info):
     settings.world_size = ws
     if released_init:
         settings.head_warmup_iterations = int(cfg.stage.get("head_warmup_iterations", 0))
+    monitor = _heldout_monitor(cfg, info, meta, patch, device) if int(cfg.train.get("monitor_every", 0)) > 0 \
+        and not parallel.sharded else None
     trainer = Trainer(meta, batches, settings, run_dir, device, checkpoint_extra=extra, is_main=is_main,
-                      parallel=parallel)
+                      parallel=parallel, monitor=monitor, monitor_every=int(cfg.train.get("monitor_every", 0)))
     if resume_from is not None:
         trainer.resume(resume_from)
     n_params = sum(p.numel() for p in backbone.parameters())
@@ -341,3 +343,27 @@ def _released_backbone(cfg, info):
     log.info("continuing from the released backbone %s (%s); heads start fresh and warm up for %s iterations",
              name, weights, cfg.stage.get("head_warmup_iterations", 0))
     return model
+
+
+def _heldout_monitor(cfg, info, meta, patch: int, device):
+    """Fixed held-out chips (indices far beyond any training index, so never trained on as such),
+    centre-cropped to the global crop size and normalised like the training crops."""
+    from geodino.train.gram import heldout_monitor
+
+    size = int(cfg.stage.crops.global_crops_size)
+    n = int(cfg.train.get("monitor_images", 16))
+    mean = torch.tensor(info.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float32).view(-1, 1, 1)
+    imgs = []
+    for i in range(n):
+        x = info.source[10**12 + i]
+        h, w = x.shape[-2:]
+        if min(h, w) < size:
+            x = torch.nn.functional.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True)[0]
+        else:
+            top, left = (h - size) // 2, (w - size) // 2
+            x = x[:, top:top + size, left:left + size]
+        imgs.append((x - mean) / std)
+    images = torch.stack(imgs).to(device)
+    gram_size = cfg.stage.crops.get("gram_teacher_crops_size")
+    return lambda: heldout_monitor(meta, images, int(gram_size) if gram_size else None)

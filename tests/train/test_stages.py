@@ -132,3 +132,16 @@ def test_gram_continues_a_released_backbone_with_head_warmup(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_gram"] >= 0 for r in rows)
     assert cli.main(["train", "stage=gram", "init=dinov3_vits16", f"run_dir={tmp_path / 'x'}", *TINY]) == 2
+
+
+def test_heldout_monitor_reports_dense_quality_and_restores_train_mode():
+    from geodino.train.gram import heldout_monitor
+
+    meta = _meta()
+    meta.train()
+    x = torch.randn(4, 13, 32, 32)
+    stats = heldout_monitor(meta, x, gram_size=64)
+    assert set(stats) >= {"heldout_cls_std", "heldout_patch_erank", "heldout_gram_agreement"}
+    # the Gram teacher starts as a copy of the student: identical similarity structure up to the resize
+    assert 0.5 < stats["heldout_gram_agreement"] <= 1.0
+    assert meta.student.training and not meta.gram_teacher.training
