@@ -150,7 +150,9 @@ class SSLMetaArch(nn.Module):
         if self.n_local > 0:
             s_local_logits = dino_logits[n_global_imgs:].view(self.n_local, batch_size, -1)
             losses["dino_local"] = self.dino_loss(s_local_logits, teacher_probs, ignore_diagonal=False)
-            weights["dino_local"] = dino_w * self.local_terms / total_terms
+            # reference `w_local`: 1 in pretraining, 0.5 in Gram anchoring and high-res adaptation
+            w_local = float(self.cfg.dino.get("local_loss_weight", 1.0))
+            weights["dino_local"] = dino_w * self.local_terms / total_terms * w_local
         losses["dino_global"] = self.dino_loss(
             s_global_logits, teacher_probs, ignore_diagonal=bool(self.cfg.dino.get("global_ignore_diagonal", True))
         )

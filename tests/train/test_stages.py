@@ -145,3 +145,23 @@ def test_heldout_monitor_reports_dense_quality_and_restores_train_mode():
     # the Gram teacher starts as a copy of the student: identical similarity structure up to the resize
     assert 0.5 < stats["heldout_gram_agreement"] <= 1.0
     assert meta.student.training and not meta.gram_teacher.training
+
+
+@pytest.mark.parametrize("stage,w_local", [("pretrain", 1.0), ("gram", 0.5), ("highres", 0.5)])
+def test_total_loss_uses_the_reference_weights(stage, w_local):
+    from geodino.data.collate import collate_data_and_cast
+    from geodino.data.masking import MaskingGenerator
+    from geodino.train.ssl import SSLMetaArch
+
+    cfg = cli.compose("train", [f"stage={stage}", *TINY])
+    assert cfg.stage.dino.local_loss_weight == w_local
+    torch.manual_seed(0)
+    meta = SSLMetaArch(build_backbone("geodino_vit_tiny", in_chans=3, layerscale_init=1.0), cfg.stage).train()
+    samples = [{"global_crops": [torch.randn(3, 32, 32) for _ in range(2)],
+                "local_crops": [torch.randn(3, 16, 16) for _ in range(2)]} for _ in range(4)]
+    batch = collate_data_and_cast(samples, n_tokens=4, mask_generator=MaskingGenerator((2, 2), rng=0), random_state=0)
+    _, st = meta.forward_backward(batch, 0.07)
+    # n_g = 2 global, n_l = 2 local crops: local terms 4, global terms 2 (spec §3.5)
+    expected = (4 / 6 * w_local * st["loss_dino_local"] + 2 / 6 * st["loss_dino_global"]
+                + 0.1 * 2 * st["loss_koleo"] + st.get("loss_ibot", 0.0))
+    assert st["loss"] == pytest.approx(expected, rel=1e-5)
