@@ -377,19 +377,13 @@ class DistillMetaArch(nn.Module):
     def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: torch.Tensor,
                         teacher_temp: float) -> dict[str, torch.Tensor]:
         """The one teacher pass of a step: unmasked global crops -> Sinkhorn-Knopp DINO / iBOT targets."""
+        from geodino.train.ssl import teacher_forward
+
         self.teacher_forward_count += 1
-        out = self.teacher.backbone.forward_features(global_crops)
-        cls = out["x_norm_clstoken"]
-        patches = out["x_norm_patchtokens"]
-        n_img, n_tok, dim = patches.shape
-        dino_logits = self.teacher.dino_head(cls)
-        ibot_logits = self.teacher.ibot_head(patches.reshape(n_img * n_tok, dim).index_select(0, mask_indices))
-        return {
-            "cls": cls, "patches": patches, "grid": int(round(math.sqrt(n_tok))),
-            "dino_probs": self.dino_loss.sinkhorn_knopp_teacher(dino_logits, teacher_temp),
-            "ibot_probs": self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp,
-                                                                      n_masked_patches_tensor=n_masked),
-        }
+        out = teacher_forward(self.teacher, self.dino_loss, self.ibot_patch_loss, global_crops, mask_indices,
+                              n_masked, teacher_temp, "sinkhorn_knopp")
+        out["grid"] = int(round(math.sqrt(out["patches"].shape[1])))
+        return out
 
     def _student_losses(self, name: str, batch: dict, teacher: dict) -> tuple[dict, dict, dict]:
         mods = self.students[name]

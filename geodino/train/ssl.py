@@ -45,6 +45,30 @@ def _head(embed_dim: int, cfg) -> DINOHead:
     )
 
 
+@torch.no_grad()
+def teacher_forward(teacher: nn.ModuleDict, dino_loss, ibot_patch_loss, global_crops: torch.Tensor,
+                    mask_indices: torch.Tensor, n_masked: torch.Tensor, teacher_temp: float,
+                    centering: str = "sinkhorn_knopp") -> dict[str, torch.Tensor]:
+    """The teacher pass of a step (shared by pretraining and distillation): unmasked global crops ->
+    class and patch tokens, DINO targets on the class tokens and iBOT targets on the patches at the
+    student's masked positions (Sinkhorn-Knopp, or softmax centring)."""
+    out = teacher.backbone.forward_features(global_crops)
+    cls = out["x_norm_clstoken"]
+    patches = out["x_norm_patchtokens"]
+    n_img, n_tok, dim = patches.shape
+    dino_logits = teacher.dino_head(cls)
+    masked_patches = patches.reshape(n_img * n_tok, dim).index_select(0, mask_indices)
+    ibot_logits = teacher.ibot_head(masked_patches)
+    reshard(teacher.values())  # FSDP2: an inference-only root keeps its gathered params otherwise
+    if centering == "sinkhorn_knopp":
+        dino_probs = dino_loss.sinkhorn_knopp_teacher(dino_logits, teacher_temp)
+        ibot_probs = ibot_patch_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp, n_masked_patches_tensor=n_masked)
+    else:
+        dino_probs = dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
+        ibot_probs = ibot_patch_loss.softmax_center_teacher(ibot_logits.unsqueeze(0), teacher_temp).squeeze(0)
+    return {"cls": cls, "patches": patches, "dino_probs": dino_probs, "ibot_probs": ibot_probs}
+
+
 class SSLMetaArch(nn.Module):
     """Student + EMA teacher with DINO / iBOT heads and the DINOv3 losses."""
 
@@ -92,21 +116,8 @@ class SSLMetaArch(nn.Module):
     def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: torch.Tensor,
                         teacher_temp: float) -> dict[str, torch.Tensor]:
         self.teacher_forward_count += 1
-        out = self.teacher.backbone.forward_features(global_crops)
-        cls = out["x_norm_clstoken"]
-        patches = out["x_norm_patchtokens"]
-        n_img, n_tok, dim = patches.shape
-        dino_logits = self.teacher.dino_head(cls)
-        masked_patches = patches.reshape(n_img * n_tok, dim).index_select(0, mask_indices)
-        ibot_logits = self.teacher.ibot_head(masked_patches)
-        reshard(self.teacher.values())  # FSDP2: an inference-only root keeps its gathered params otherwise
-        if self.centering == "sinkhorn_knopp":
-            dino_probs = self.dino_loss.sinkhorn_knopp_teacher(dino_logits, teacher_temp)
-            ibot_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(ibot_logits, teacher_temp, n_masked_patches_tensor=n_masked)
-        else:
-            dino_probs = self.dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
-            ibot_probs = self.ibot_patch_loss.softmax_center_teacher(ibot_logits.unsqueeze(0), teacher_temp).squeeze(0)
-        return {"cls": cls, "patches": patches, "dino_probs": dino_probs, "ibot_probs": ibot_probs}
+        return teacher_forward(self.teacher, self.dino_loss, self.ibot_patch_loss, global_crops, mask_indices,
+                               n_masked, teacher_temp, self.centering)
 
     def forward_backward(self, batch: dict[str, Any], teacher_temp: float, extra_losses=None,
                          loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
