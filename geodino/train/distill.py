@@ -86,6 +86,7 @@ from geodino.errors import GeodinoError
 from geodino.losses import DINOLoss, iBOTPatchLoss, koleo_loss, koleo_loss_distributed
 from geodino.models.heads import DINOHead
 from geodino.train.loop import Trainer
+from geodino.train.ssl import collapse_monitor, teacher_forward
 
 log = logging.getLogger("geodino")
 
@@ -377,8 +378,6 @@ class DistillMetaArch(nn.Module):
     def teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: torch.Tensor,
                         teacher_temp: float) -> dict[str, torch.Tensor]:
         """The one teacher pass of a step: unmasked global crops -> Sinkhorn-Knopp DINO / iBOT targets."""
-        from geodino.train.ssl import teacher_forward
-
         self.teacher_forward_count += 1
         out = teacher_forward(self.teacher, self.dino_loss, self.ibot_patch_loss, global_crops, mask_indices,
                               n_masked, teacher_temp, "sinkhorn_knopp")
@@ -470,7 +469,7 @@ class DistillMetaArch(nn.Module):
             stats.update(self.monitor(name, out, teacher))
         stats["loss"] = float(total)
         with torch.no_grad():
-            t_mon = SSLMonitor.collapse(teacher["cls"], teacher["patches"])
+            t_mon = collapse_monitor(teacher["cls"], teacher["patches"])
         stats.update({f"teacher_{k}": v for k, v in t_mon.items()})
         stats["cls_std"] = min(stats[f"cls_std/{n}"] for n in self.students)  # the progress bar's collapse figure
         return total, stats
@@ -479,7 +478,7 @@ class DistillMetaArch(nn.Module):
     def monitor(self, name: str, student_out: dict, teacher: dict) -> dict[str, float]:
         """Per student: class-token std and patch effective rank (collapse), and `proto_agreement`, the share
         of global crops whose DINO-head argmax equals the argmax of the teacher's target."""
-        out = {f"{k}/{name}": v for k, v in SSLMonitor.collapse(student_out["cls"], student_out["patches"]).items()}
+        out = {f"{k}/{name}": v for k, v in collapse_monitor(student_out["cls"], student_out["patches"]).items()}
         s = student_out["dino_global_logits"].argmax(-1)
         t = teacher["dino_probs"].argmax(-1)
         out[f"proto_agreement/{name}"] = float((s == t).float().mean())
@@ -499,17 +498,6 @@ class DistillMetaArch(nn.Module):
         if which not in ("ema", "student"):
             raise GeodinoError(f"stage.export must be ema or student, got '{which}'")
         return (self.students_ema if which == "ema" else self.students)[name].backbone
-
-
-class SSLMonitor:
-    """The collapse monitor of SSLMetaArch, as a function of (class tokens, patch tokens)."""
-
-    @staticmethod
-    @torch.no_grad()
-    def collapse(cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
-        from geodino.train.ssl import SSLMetaArch
-
-        return SSLMetaArch.monitor(None, cls, patches)  # uses no instance state
 
 
 # ------------------------------------------------------------------------------------------------

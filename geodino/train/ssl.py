@@ -46,6 +46,23 @@ def _head(embed_dim: int, cfg) -> DINOHead:
 
 
 @torch.no_grad()
+def collapse_monitor(cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
+    """Collapse monitor: class-token std across the batch (of L2-normalised tokens; a collapsed
+    model gives 0, a uniform spread on the sphere ~1/sqrt(D)) and the effective rank
+    (exp of the singular-value entropy) of centred patch features."""
+    c = F.normalize(cls.float(), dim=-1)
+    cls_std = float(c.std(dim=0).mean()) if c.shape[0] > 1 else 0.0
+    p = patches.float().reshape(-1, patches.shape[-1])
+    if p.shape[0] > 2048:
+        p = p[torch.linspace(0, p.shape[0] - 1, 2048, device=p.device).long()]
+    p = p - p.mean(dim=0, keepdim=True)
+    s = torch.linalg.svdvals(p)
+    prob = s / s.sum().clamp_min(1e-12)
+    erank = float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum()))
+    return {"cls_std": cls_std, "cls_std_x_sqrt_dim": cls_std * math.sqrt(c.shape[-1]), "patch_erank": erank}
+
+
+@torch.no_grad()
 def teacher_forward(teacher: nn.ModuleDict, dino_loss, ibot_patch_loss, global_crops: torch.Tensor,
                     mask_indices: torch.Tensor, n_masked: torch.Tensor, teacher_temp: float,
                     centering: str = "sinkhorn_knopp") -> dict[str, torch.Tensor]:
@@ -205,19 +222,7 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def monitor(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
-        """Collapse monitor: class-token std across the batch (of L2-normalised tokens; a collapsed
-        model gives 0, a uniform spread on the sphere ~1/sqrt(D)) and the effective rank
-        (exp of the singular-value entropy) of centred patch features."""
-        c = F.normalize(cls.float(), dim=-1)
-        cls_std = float(c.std(dim=0).mean()) if c.shape[0] > 1 else 0.0
-        p = patches.float().reshape(-1, patches.shape[-1])
-        if p.shape[0] > 2048:
-            p = p[torch.linspace(0, p.shape[0] - 1, 2048, device=p.device).long()]
-        p = p - p.mean(dim=0, keepdim=True)
-        s = torch.linalg.svdvals(p)
-        prob = s / s.sum().clamp_min(1e-12)
-        erank = float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum()))
-        return {"cls_std": cls_std, "cls_std_x_sqrt_dim": cls_std * math.sqrt(c.shape[-1]), "patch_erank": erank}
+        return collapse_monitor(cls, patches)
 
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
