@@ -48,19 +48,34 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--drop-path", type=float, default=None,
+                    help="student stochastic depth; default: the model config's, as `geodino train model=<arch>` uses")
+    ap.add_argument("--storage-tokens", type=int, default=None,
+                    help="register tokens; default: the released architecture's (4); the reference's training "
+                         "default ViT-S has 0")
+    ap.add_argument("--no-malloc-cache", action="store_true",
+                    help="leave glibc's allocator at its defaults (geodino.cpu.keep_freed_memory off)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N ops with the most self time (torch.profiler, all steps)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    malloc_cache = False
+    if args.device == "cpu" and not args.no_malloc_cache:
+        from geodino.cpu import keep_freed_memory
+
+        malloc_cache = keep_freed_memory()
 
     from geodino.cli import compose
     from geodino.data.collate import collate_data_and_cast
     from geodino.data.masking import MaskingGenerator
     from geodino.data.multicrop import MultiCropAugmentation
-    from geodino.models.registry import build_backbone
+    from geodino.models.registry import build_backbone, set_stochastic_depth
     from geodino.train.loop import Trainer, TrainSettings
     from geodino.train.ssl import SSLMetaArch
 
     n = args.prototypes
     cfg = compose("train", [
+        f"model={args.arch}",
         f"stage.crops.global_crops_size={args.global_size}", f"stage.crops.local_crops_size={args.local_size}",
         f"stage.crops.local_crops_number={args.n_local}",
         f"stage.dino.head_n_prototypes={n}", f"stage.dino.head_hidden_dim={args.hidden}",
@@ -71,7 +86,10 @@ def main(argv=None):
         "progress=false", "optim.warmup_iterations=0", "optim.freeze_last_layer_iterations=0",
     ])
     torch.manual_seed(0)
-    backbone = build_backbone(f"dinov3_{args.arch}", in_chans=3)
+    arch_kw = {} if args.storage_tokens is None else {"n_storage_tokens": args.storage_tokens}
+    backbone = build_backbone(str(cfg.model.name), in_chans=3, **arch_kw)
+    drop_path = args.drop_path if args.drop_path is not None else float(cfg.model.get("drop_path_rate") or 0.0)
+    set_stochastic_depth(backbone, drop_path)
     meta = SSLMetaArch(backbone, cfg.stage)
 
     # data: real multi-crop on a synthetic 512² RGB image, timed per sample
@@ -84,23 +102,64 @@ def main(argv=None):
                                   mask_generator=MaskingGenerator((side, side), rng=0), random_state=0)
     data_s = time.perf_counter() - t
 
+    gflop = _step_gflop(meta, batch, args.device)
+    sgemm_before = _sgemm_gflops(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(meta, _SameBatch(batch), TrainSettings.from_cfg(cfg), tmp, torch.device(args.device))
-        rows = trainer.fit()
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                rows = trainer.fit()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        else:
+            rows = trainer.fit()
+    sgemm = (sgemm_before + _sgemm_gflops(args.device)) / 2
     rows = rows[1:]  # the first step warms allocators and caches
     keys = ["time_teacher", "time_student_forward", "time_backward", "time_optim", "time_step"]
     med = {k: statistics.median(r[k] for r in rows) for k in keys}
     n_img = args.batch
     print(f"{'setting':<22} arch={args.arch} batch={args.batch} global={args.global_size} local={args.local_size}x{args.n_local} "
           f"prototypes={n} threads={args.threads} device={args.device}")
+    print(f"{'student':<22} drop_path={drop_path} (sample drop), malloc cache {'on' if malloc_cache else 'off'}, fp32")
     print(f"{'data (multi-crop)':<22} {data_s / args.batch * 1000:8.1f} ms/img (not part of the step)")
     print(f"{'teacher forward + SK':<22} {med['time_teacher']:8.3f} s")
     print(f"{'student forward+loss':<22} {med['time_student_forward']:8.3f} s")
     print(f"{'backward':<22} {med['time_backward']:8.3f} s")
     print(f"{'clip + AdamW + EMA':<22} {med['time_optim']:8.3f} s")
     print(f"{'step (median)':<22} {med['time_step']:8.3f} s  = {med['time_step'] / REFERENCE_STEP_S:.2f}x the reference's {REFERENCE_STEP_S} s")
+    print(f"{'step work':<22} {gflop:8.1f} GFLOP (matmul, attention, conv; torch FlopCounterMode)")
+    print(f"{'machine sgemm':<22} {sgemm:8.1f} GFLOP/s (2920x384 @ 384x1536, median, before/after mean); "
+          f"matmul floor {gflop / sgemm:.2f} s, step = {med['time_step'] / (gflop / sgemm):.2f}x the floor")
     print(f"peak RSS: {_peak_rss_mb():.0f} MiB")
     print(f"geodino step: median {med['time_step']:.3f} s, {n_img / med['time_step']:.2f} img/s")
+
+
+def _step_gflop(meta, batch, device: str) -> float:
+    """FLOPs of one forward_backward (teacher, student, heads, losses, backward) as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = meta.to(device).train()
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        meta.forward_backward(batch, teacher_temp=0.07)
+    meta.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def _sgemm_gflops(device: str, reps: int = 9) -> float:
+    """This machine's fp32 matmul rate right now, on a shape the ViT-S step uses (a reference point for
+    comparing step times measured at different moments on a shared machine)."""
+    a = torch.randn(2920, 384, device=device)
+    b = torch.randn(384, 1536, device=device)
+    times = []
+    for _ in range(reps + 2):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * 2920 * 384 * 1536 / statistics.median(times[2:]) / 1e9
 
 
 def _peak_rss_mb() -> float:

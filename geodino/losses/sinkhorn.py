@@ -6,21 +6,28 @@ then by B", and finally ``Q *= B``. On logits with ``|t / τ| ≳ 88`` its ``exp
 the targets become NaN; with the global max subtracted first, samples whose logits all lie far below the
 global maximum underflow to zero and the per-sample division becomes ``0 / 0``.
 
-This version runs the *same* iteration in the log domain. It keeps the scaling vectors ``a`` (one per
-prototype) and ``b`` (one per sample) with ``Q_mk = exp(t_mk / τ − max + a_k + b_m)`` and updates them
-with log-sum-exps, so nothing can overflow or underflow to an empty row/column:
+Two exact reformulations make it stable, and the cheap one is used whenever it can be:
 
-* the global max of ``t / τ`` (all-reduced with MAX, so every rank shifts by the same constant) is
-  subtracted before anything is exponentiated;
-* the reference's first step (divide by the global sum) only multiplies Q by a constant, which the
-  first prototype normalisation removes exactly, so it is folded away;
-* prototype normalisation is a log-sum-exp over the samples of the whole process group (column maxima
-  all-reduced with MAX, shifted sums all-reduced with SUM);
-* sample normalisation is local (each sample's K prototypes live on one rank); the last one together
-  with the final ``Q *= B`` is exactly a row softmax.
+* **Fast path (linear domain, per-prototype shift).** Each prototype's maximum over the samples of the
+  whole process group (all-reduced with MAX) is subtracted before ``exp``. The reference's first two
+  steps (divide by the global sum, then every prototype by its total) remove any per-prototype factor
+  exactly, so in exact arithmetic this changes nothing, while every prototype keeps an entry of
+  exactly 1: nothing overflows and no prototype total is 0. The iteration then runs on scaling vectors,
+  ``Q = diag(v) exp(t/τ − c) diag(u)``: each round is one matrix-vector product per marginal
+  instead of a sum and a division over the whole (M, K) matrix (2 passes instead of 4; at M = 273,
+  K = 65536 the whole call goes from ~0.25 s to ~0.05 s on 2 CPU cores).
+* **Fallback (log domain).** A sample whose logits all lie ~90/τ below the best sample of *every*
+  prototype still underflows to an all-zero row in the fast path. When any rank sees that (the flag is
+  all-reduced, so every rank takes the same path and the collectives match), the same iteration runs
+  with log-scaling vectors ``a`` (per prototype) and ``b`` (per sample) and log-sum-exps, which cannot
+  overflow or underflow to an empty row or column.
 
-In exact arithmetic the result equals the official one; on the reference tensors it agrees to <1e-6
-relative. It is always computed in fp32 and never carries gradients.
+Prototype sums run over the samples of the whole process group (all-reduced with SUM); sample sums
+are local (each sample's K prototypes live on one rank). The last sample normalisation together with
+the reference's final ``Q *= B`` is a row normalisation.
+
+On the reference tensors both paths agree with the official output to <1e-6 relative. The result is
+always fp32 and never carries gradients.
 """
 
 from __future__ import annotations
@@ -95,25 +102,79 @@ def sinkhorn_knopp(
     x = teacher_logits.detach().float() / teacher_temp  # a fresh fp32 tensor, safe to modify in place
     n_local, n_prototypes = x.shape
 
-    global_max = x.amax() if n_local > 0 else x.new_tensor(-math.inf)
-    global_max = _all_reduce(global_max, dist.ReduceOp.MAX, group)
-    x.sub_(global_max)
-
     if n_masked_patches_tensor is not None:
         count = n_masked_patches_tensor.detach().reshape(()).to(device=x.device, dtype=torch.float64).clone()
     else:
         count = torch.tensor(float(n_local), dtype=torch.float64, device=x.device)
     count = _all_reduce(count, dist.ReduceOp.SUM, group)
+
+    probs, degenerate = _linear_domain(x, n_iterations, group, count.float(), n_prototypes)
+    if not degenerate:
+        return probs
+    x = teacher_logits.detach().float() / teacher_temp
+    return _log_domain(x, n_iterations, group, count, n_prototypes)
+
+
+def _row_dot(q: torch.Tensor, u: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """``q @ u`` summed in chunks of ``chunk`` columns: a BLAS mat-vec accumulates each row serially, which
+    over K = 65536 terms loses ~1.5e-5 (relative); chunked partial sums keep it at ~1e-6."""
+    n_rows, k = q.shape
+    n_chunks = k // chunk
+    if n_chunks <= 1:
+        return torch.mv(q, u)
+    head = n_chunks * chunk
+    out = torch.bmm(q[:, :head].view(n_rows, n_chunks, chunk).transpose(0, 1), u[:head].view(n_chunks, chunk, 1))
+    out = out.sum(dim=0).squeeze(1)
+    if head < k:
+        out += torch.mv(q[:, head:], u[head:])
+    return out
+
+
+def _linear_domain(x: torch.Tensor, n_iterations: int, group, count: torch.Tensor, n_prototypes: int):
+    """The reference iteration on scaling vectors after a per-prototype max shift (module docstring).
+
+    Returns (probabilities, degenerate); ``degenerate`` is the same on every rank of ``group``."""
+    n_local = x.shape[0]
+    if n_local > 0:
+        col_max = x.amax(dim=0)
+    else:  # a rank may hold no samples (e.g. no masked patches); it must still join the collectives
+        col_max = x.new_full((n_prototypes,), -math.inf)
+    col_max = _all_reduce(col_max, dist.ReduceOp.MAX, group)
+    q0 = x.sub_(col_max).exp_()  # every prototype's largest entry (on some rank) is exactly 1
+    v = torch.ones(n_local, dtype=x.dtype, device=x.device)  # per-sample scale; the global 1/sum is folded away
+    bad = torch.zeros((), dtype=torch.bool, device=x.device)
+    r = v
+    for it in range(n_iterations):
+        # each prototype gets total mass 1/K over all samples of the group
+        s = _all_reduce(torch.mv(q0.t(), v), dist.ReduceOp.SUM, group)
+        u = 1.0 / (n_prototypes * s)
+        # each sample gets total mass 1/B (the last time, followed by Q *= B: a row normalisation)
+        r = _row_dot(q0, u)
+        bad |= ~torch.isfinite(r).all() | (r <= 0).any()
+        if it < n_iterations - 1:
+            v = 1.0 / (count * r)
+    if group is not None:
+        flag = _all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX, group)
+        bad = flag > 0
+    if bool(bad):
+        return None, True
+    return q0.mul_(u).div_(r.unsqueeze(1)), False
+
+
+def _log_domain(x: torch.Tensor, n_iterations: int, group, count: torch.Tensor, n_prototypes: int) -> torch.Tensor:
+    """The same iteration with log-scaling vectors (module docstring); cannot under- or overflow."""
+    n_local = x.shape[0]
+    global_max = x.amax() if n_local > 0 else x.new_tensor(-math.inf)
+    global_max = _all_reduce(global_max, dist.ReduceOp.MAX, group)
+    x.sub_(global_max)
     log_b = torch.log(count).float()
     log_k = math.log(n_prototypes)
 
     b = torch.zeros(n_local, 1, dtype=torch.float32, device=x.device)  # per-sample log scale
     a = None  # per-prototype log scale
     for it in range(n_iterations):
-        # each prototype gets total mass 1/K over all samples of the group
         a = -(_logsumexp_over_samples(x + b, group) + log_k)
         if it < n_iterations - 1:
-            # each sample gets total mass 1/B (local: a sample's K prototypes live on this rank)
             b = -(torch.logsumexp(x + a, dim=1, keepdim=True) + log_b)
     # the last sample normalisation followed by Q *= B is a row softmax; written out because the fused
     # CPU softmax kernel uses a low-accuracy exp (~2e-6 relative error at K = 65536)

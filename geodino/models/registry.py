@@ -122,6 +122,28 @@ def build_backbone(name: str, in_chans: int | None = None, device: str | torch.d
     return model
 
 
+def set_stochastic_depth(model: nn.Module, rate: float) -> nn.Module:
+    """Set a backbone's training-time stochastic depth in place, as its constructor's ``drop_path_rate``
+    would: the same batch-subset "sample drop" rate in every ViT block (reference), a linear 0 -> rate
+    ramp over the ConvNeXt blocks (reference). A training setting, not architecture: it is not recorded
+    in the contract, has no parameters and does nothing in eval mode."""
+    from geodino.models.convnext import ConvNeXtBlock
+    from geodino.models.vit import SelfAttentionBlock
+
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    vit_blocks = [m for m in model.modules() if isinstance(m, SelfAttentionBlock)]
+    for block in vit_blocks:
+        block.sample_drop_ratio = rate
+    conv_blocks = [m for m in model.modules() if isinstance(m, ConvNeXtBlock)]
+    for i, block in enumerate(conv_blocks):
+        block.drop_path = rate * i / max(len(conv_blocks) - 1, 1)
+    if not vit_blocks and not conv_blocks:
+        raise ValueError(f"{type(model).__name__} has no ViT or ConvNeXt blocks to set stochastic depth on")
+    return model
+
+
 def _construct(family: str, kwargs: dict, device=None) -> nn.Module:
     if family == "vit":
         from geodino.models.vit import dinov3_vit

@@ -151,27 +151,59 @@ _NORM_LAYERS = {
 def _rope_qk(qk: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     """RoPE on stacked ``[2, B, heads, N, hd]`` q/k; the result equals :func:`apply_rope` (official formula).
 
-    Without autograd it writes ``x1*cos1 - x2*sin1 | x2*cos2 + x1*sin2`` (the rotate-half formula expanded per
-    half) straight into one output buffer: 4 elementwise passes over half the width instead of the ~6 full-width
-    passes (neg, cat, 2 mul, add, prefix cat) of the literal formula. With autograd it uses the literal formula.
+    It writes ``x1*cos1 - x2*sin1 | x2*cos2 + x1*sin2`` (the rotate-half formula expanded per half) straight into
+    one output buffer: 4 element-wise passes over half the width instead of the ~6 full-width passes (neg, cat,
+    2 mul, add, prefix cat) of the literal formula, and as many again in its autograd backward. With gradients it
+    runs as :class:`_RopeQK`, whose backward is the transposed rotation written the same way. Learnable or
+    differently typed tables fall back to the literal formula.
     """
-    if qk.requires_grad or sin.requires_grad or cos.requires_grad or qk.dtype != sin.dtype:
+    if sin.requires_grad or cos.requires_grad or qk.dtype != sin.dtype:
         return apply_rope(qk, sin, cos)
+    if qk.requires_grad and torch.is_grad_enabled():
+        return _RopeQK.apply(qk, sin, cos)
+    return _rotate(qk, sin, cos, transpose=False)
+
+
+def _rotate(x: Tensor, sin: Tensor, cos: Tensor, transpose: bool) -> Tensor:
+    """The rotation (``transpose=False``) or its transpose, the backward map (``True``), on the last
+    ``sin.shape[-2]`` tokens; prefix tokens are copied."""
     n_rot = sin.shape[-2]
-    prefix = qk.shape[-2] - n_rot
+    prefix = x.shape[-2] - n_rot
     if prefix < 0:
-        raise ValueError(f"RoPE tables cover {n_rot} tokens but the input has only {qk.shape[-2]}")
-    half = qk.shape[-1] // 2
-    out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+        raise ValueError(f"RoPE tables cover {n_rot} tokens but the input has only {x.shape[-2]}")
+    half = x.shape[-1] // 2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if prefix:
-        out[..., :prefix, :].copy_(qk[..., :prefix, :])
-    x, o = qk[..., prefix:, :], out[..., prefix:, :]
+        out[..., :prefix, :].copy_(x[..., :prefix, :])
+    x, o = x[..., prefix:, :], out[..., prefix:, :]
     x1, x2, o1, o2 = x[..., :half], x[..., half:], o[..., :half], o[..., half:]
-    torch.mul(x1, cos[:, :half], out=o1)
-    o1.addcmul_(x2, sin[:, :half], value=-1)
-    torch.mul(x2, cos[:, half:], out=o2)
-    o2.addcmul_(x1, sin[:, half:])
+    if not transpose:  # o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2
+        torch.mul(x1, cos[:, :half], out=o1)
+        o1.addcmul_(x2, sin[:, :half], value=-1)
+        torch.mul(x2, cos[:, half:], out=o2)
+        o2.addcmul_(x1, sin[:, half:])
+    else:  # the transpose: o1 = x1 c1 + x2 s2,  o2 = x2 c2 - x1 s1
+        torch.mul(x1, cos[:, :half], out=o1)
+        o1.addcmul_(x2, sin[:, half:])
+        torch.mul(x2, cos[:, half:], out=o2)
+        o2.addcmul_(x1, sin[:, :half], value=-1)
     return out
+
+
+class _RopeQK(torch.autograd.Function):
+    """RoPE with a hand-written backward: the rotation is linear in ``x``, so its gradient is the transposed
+    rotation of the incoming gradient (no saved activations, 4 half-width passes). Written by hand because
+    autograd of the literal formula stores and replays every intermediate of neg/cat/mul/add."""
+
+    @staticmethod
+    def forward(ctx, qk: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+        ctx.save_for_backward(sin, cos)
+        return _rotate(qk, sin, cos, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        sin, cos = ctx.saved_tensors
+        return _rotate(grad, sin, cos, transpose=True), None, None
 
 
 class SelfAttention(nn.Module):

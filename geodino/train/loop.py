@@ -224,10 +224,12 @@ class Trainer:
         self.teacher_temp = teacher_temp_schedule(settings.warmup_teacher_temp, settings.teacher_temp,
                                                   settings.warmup_teacher_temp_iterations, n)
         self.groups = param_groups(self.meta.student_modules(), settings.layerwise_decay, settings.patch_embed_lr_mult)
-        fused_ok = device.type == "cuda"
+        # The fused AdamW kernel (CUDA and, since torch 2.4, CPU) updates each tensor in one pass; on the CPU the
+        # "foreach" path is a per-tensor loop of ~10 element-wise ops (66M parameters at the reference ViT-S
+        # head sizes: 0.20 s -> 0.06 s per step on 2 cores).
         self.optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
-            lr=peak, betas=settings.betas, weight_decay=settings.weight_decay, foreach=not fused_ok, fused=fused_ok,
+            lr=peak, betas=settings.betas, weight_decay=settings.weight_decay, fused=device.type in ("cuda", "cpu"),
         )
         self.start_step = 0
         self.nan_streak = 0

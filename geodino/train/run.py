@@ -113,6 +113,10 @@ def _run_train(cfg, dist_info):
         )
     device = dist_info.device
     is_main = dist_info.is_main
+    if device.type == "cpu" and cfg.get("cpu_malloc_cache", True):
+        from geodino.cpu import keep_freed_memory
+
+        keep_freed_memory()
     seed_everything(int(cfg.seed))
 
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else default_run_dir("train", stage)
@@ -135,6 +139,9 @@ def _run_train(cfg, dist_info):
         backbone = _backbone_from_init(init_ckpt, "student")
     else:
         backbone = build_backbone_for(cfg, info)
+    _set_student_drop_path(cfg, backbone, init_ckpt)
+    if is_main:  # the snapshot again, with what the predecessor and the model filled in
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     contract = backbone.geodino_contract
     crops = cfg.stage.crops
     patch = int(contract["patch_size"])
@@ -253,6 +260,29 @@ def _run_train(cfg, dist_info):
 # ------------------------------------------------------------------------------------------------
 # Stage chaining (gram <- pretrain, highres <- gram)
 # ------------------------------------------------------------------------------------------------
+
+def _set_student_drop_path(cfg, backbone, init_ckpt: dict | None) -> None:
+    """The student's stochastic depth: train.drop_path_rate, else the predecessor run's (init= stages), else
+    model.drop_path_rate. The value used is written back to train.drop_path_rate, so the run's config
+    snapshot and checkpoints record it."""
+    from omegaconf import open_dict
+
+    from geodino.models.registry import set_stochastic_depth
+
+    rate = cfg.train.get("drop_path_rate")
+    if rate is None and init_ckpt is not None:
+        rate = ((init_ckpt.get("config") or {}).get("train") or {}).get("drop_path_rate")
+    if rate is None:
+        rate = cfg.model.get("drop_path_rate")
+    if rate is None:
+        return
+    try:
+        set_stochastic_depth(backbone, float(rate))
+    except ValueError as e:
+        raise GeodinoError(f"train.drop_path_rate: {e}") from e
+    with open_dict(cfg):
+        cfg.train.drop_path_rate = float(rate)
+
 
 def _inherit_predecessor(cfg, ckpt: dict, info) -> None:
     """A continued stage keeps its predecessor's heads and normalisation, and needs its bands."""

@@ -11,7 +11,7 @@ from geodino.losses import sinkhorn_knopp
 
 def official_linear_sinkhorn(logits, temp, n_iterations=3, n_samples=None, subtract_max=False):
     """The reference algorithm as the spec (§3.1) states it, in the linear domain, for comparison."""
-    x = logits.float() / temp
+    x = (logits if logits.dtype == torch.float64 else logits.float()) / temp
     if subtract_max:
         x = x - x.max()
     q = torch.exp(x).t()  # (K, M)
@@ -137,3 +137,33 @@ def test_no_collectives_without_process_group(monkeypatch):
     assert not dist.is_initialized()
     probs = sinkhorn_knopp(_logits(), 0.07, n_masked_patches_tensor=torch.tensor(24))
     assert math.isclose(probs.sum().item(), 24.0, rel_tol=1e-5)
+
+
+def test_fast_and_log_domain_paths_agree_and_fallback_is_taken_only_when_needed():
+    from geodino.losses.sinkhorn import _linear_domain, _log_domain
+
+    logits = _logits(m=40, k=512, scale=0.7) / 0.07
+    count = torch.tensor(40.0, dtype=torch.float64)
+    fast, degenerate = _linear_domain(logits.clone(), 3, None, count.float(), 512)
+    assert not degenerate
+    assert_close_rel(fast, _log_domain(logits.clone(), 3, None, count, 512), what="fast vs log domain")
+    # whole samples ~1000/τ below every prototype's best sample underflow to an empty row: fallback
+    wide = _logits(m=16, k=64, scale=50.0)
+    wide[:8] -= 1000.0
+    _, degenerate = _linear_domain(wide / 0.04, 3, None, torch.tensor(16.0), 64)
+    assert degenerate
+
+
+def test_accurate_at_the_reference_size():
+    """K = 65536 prototypes, 273 masked patches: sums over 65536 terms stay within the 1e-5 budget."""
+    logits = _logits(m=273, k=65536, scale=0.4, seed=3)  # |t / τ| up to ~25, as cosine logits at τ = 0.07
+    expected = official_linear_sinkhorn(logits.double(), 0.07).float()  # float64 reference
+    assert_close_rel(sinkhorn_knopp(logits, 0.07), expected, rtol=1e-5, what="SK at K=65536")
+
+
+@pytest.mark.parametrize("k", [100, 512, 1000, 4096])
+def test_chunked_row_sums_equal_the_plain_product(k):
+    from geodino.losses.sinkhorn import _row_dot
+
+    q, u = torch.rand(7, k, dtype=torch.float64), torch.rand(k, dtype=torch.float64)
+    torch.testing.assert_close(_row_dot(q, u, chunk=256), q @ u, rtol=1e-12, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from geodino.testing import assert_close_rel, fp32_state_dict
@@ -43,3 +44,25 @@ def test_structure_and_init():
         "last_layer.weight",
     ]
     assert "mlp.0.bias" not in DINOHead(8, 4, hidden_dim=8, bottleneck_dim=4, mlp_bias=False).state_dict()
+
+
+@pytest.mark.parametrize("rows", [3, 200])
+def test_wide_prototype_layer_without_grad_equals_the_linear(rows):
+    """The teacher's 16384+ prototype layer takes a re-blocked product (transposed, or chunked) outside
+    autograd; values equal the plain Linear to rounding, and with gradients the Linear itself runs."""
+    from geodino.models.heads import _prototype_logits
+
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=32, out_dim=16384, hidden_dim=64, bottleneck_dim=16)
+    x = torch.randn(rows, 32)
+    with torch.no_grad():
+        fast = head(x)
+        plain = head.last_layer(head(x, no_last_layer=True))
+    assert fast.is_contiguous()
+    assert_close_rel(fast, plain, rtol=1e-6, what="no-grad prototype layer")
+    z = torch.randn(rows, 16)
+    torch.testing.assert_close(_prototype_logits(z, head.last_layer.weight, chunk=4096), z @ head.last_layer.weight.t())
+    out = head(x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert head.last_layer.weight.grad is not None

@@ -176,3 +176,42 @@ def test_public_api_reexports():
     assert geodino.build_backbone is build_backbone
     m = geodino.build_backbone("geodino_vit_tiny", in_chans=4)
     assert m.geodino_contract["in_chans"] == 4
+
+
+def test_set_stochastic_depth_on_vit_and_convnext():
+    from geodino.models.registry import set_stochastic_depth
+
+    vit = build_backbone("geodino_vit_tiny")
+    assert all(b.sample_drop_ratio == 0.0 for b in vit.blocks)
+    set_stochastic_depth(vit, 0.3)
+    assert [b.sample_drop_ratio for b in vit.blocks] == [0.3] * len(vit.blocks)  # same rate per block (reference)
+    assert vit.geodino_contract["kwargs"].get("drop_path_rate", 0.0) == 0.0  # a training setting, not architecture
+    conv = build_backbone("geodino_convnext_tiny")
+    set_stochastic_depth(conv, 0.2)
+    rates = [b.drop_path for stage in conv.stages for b in stage]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)  # linear ramp (reference ConvNeXt)
+    assert all(b > a for a, b in zip(rates, rates[1:]))
+    # what the constructor does with drop_path_rate
+    ref = build_backbone("geodino_convnext_tiny", drop_path_rate=0.2)
+    assert rates == pytest.approx([b.drop_path for stage in ref.stages for b in stage])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        set_stochastic_depth(vit, 1.0)
+    with pytest.raises(ValueError, match="no ViT or ConvNeXt blocks"):
+        set_stochastic_depth(torch.nn.Linear(2, 2), 0.1)
+
+
+def test_sample_drop_runs_each_branch_on_the_reference_subset():
+    """With rate p, each residual branch sees max(int(B(1-p)), 1) samples (reference sample drop)."""
+    from geodino.models.registry import set_stochastic_depth
+
+    vit = set_stochastic_depth(build_backbone("geodino_vit_tiny"), 0.3).train()
+    seen = []
+    vit.blocks[0].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].numel() // i[0].shape[-1]))
+    vit.forward_features([torch.randn(8, 3, 32, 32), torch.randn(32, 3, 16, 16)], [None, None])
+    assert len(seen) == 1
+    n_prefix = 1 + vit.n_storage_tokens
+    assert seen[0] == 5 * (n_prefix + 4) + 22 * (n_prefix + 1)  # int(8 * 0.7) = 5, int(32 * 0.7) = 22
+    vit.eval()
+    seen.clear()
+    vit.forward_features(torch.randn(8, 3, 32, 32))
+    assert seen == [8 * (n_prefix + 4)]  # no drop in eval mode

@@ -139,6 +139,22 @@ def test_fast_qk_rotation_equals_reference_formula():
     assert_close_rel(fast, ref, rtol=1e-6, what="fast rope")
 
 
+def test_fast_qk_rotation_gradient_equals_reference_formula():
+    """The hand-written backward (transposed rotation) gives autograd's gradient of the literal formula,
+    including with train-time RoPE augmentation (different tables per call) and a strided input."""
+    torch.manual_seed(0)
+    rope = RopePositionEmbedding(96, 3, jitter_coords=2.0, rescale_coords=2.0).train()
+    sin, cos = (t.double() for t in rope(H=4, W=6))
+    qkv = torch.randn(2, 5 + 24, 3, 3, 32, dtype=torch.float64).permute(2, 0, 3, 1, 4).requires_grad_(True)
+    grad = torch.randn(2, 2, 3, 5 + 24, 32, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(apply_rope(qkv[:2], sin, cos), qkv, grad)
+    (g_fast,) = torch.autograd.grad(_rope_qk(qkv[:2], sin, cos), qkv, grad)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(g_fast[2], torch.zeros_like(g_fast[2]))  # v gets nothing from RoPE
+    leaf = torch.randn(2, 1, 3, 29, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _rope_qk(t, sin, cos), (leaf,))
+
+
 def test_bf16_rope_casts_like_reference():
     rope = RopePositionEmbedding(64, 2, dtype=torch.bfloat16).eval()
     sin, cos = rope(H=2, W=3)

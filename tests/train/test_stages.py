@@ -82,10 +82,17 @@ def test_gram_agreement_is_one_for_identical_features_and_lower_otherwise():
 @pytest.mark.slow
 def test_stages_chain_from_the_cli(tmp_path):
     common = [*TINY, "train.iterations=2", "train.checkpoint_every=2"]
-    assert cli.main(["train", f"run_dir={tmp_path / 'pre'}", *common]) == 0
+    assert cli.main(["train", f"run_dir={tmp_path / 'pre'}", "model.drop_path_rate=0.2", *common]) == 0
     assert cli.main(["train", "stage=gram", f"init={tmp_path / 'pre'}", f"run_dir={tmp_path / 'gram'}",
                      "stage.gram.it_first_update=1", "stage.gram.update_frequency=1", *common]) == 0
-    assert cli.main(["train", "stage=highres", f"init={tmp_path / 'gram'}", f"run_dir={tmp_path / 'hr'}", *common]) == 0
+    assert cli.main(["train", "stage=highres", f"init={tmp_path / 'gram'}", f"run_dir={tmp_path / 'hr'}",
+                     "train.drop_path_rate=0.1", *common]) == 0
+    # the student's stochastic depth: the model's, then inherited from the predecessor, unless train. sets it;
+    # the value used is in the config snapshot
+    from omegaconf import OmegaConf
+
+    rates = [OmegaConf.load(tmp_path / run / "config.yaml").train.drop_path_rate for run in ("pre", "gram", "hr")]
+    assert rates == [0.2, 0.2, 0.1]
     rows = [json.loads(line) for line in (tmp_path / "hr" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert r["global_crops_size"] in (64, 96) and r["gram_crops_size"] in (96, 144)
