@@ -151,8 +151,9 @@ def test_fast_qk_rotation_gradient_equals_reference_formula():
     (g_fast,) = torch.autograd.grad(_rope_qk(qkv[:2], sin, cos), qkv, grad)
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(g_fast[2], torch.zeros_like(g_fast[2]))  # v gets nothing from RoPE
-    leaf = torch.randn(2, 1, 3, 29, 32, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: _rope_qk(t, sin, cos), (leaf,))
+    small_sin, small_cos = sin[:6], cos[:6]  # gradcheck perturbs every input: keep it small
+    leaf = torch.randn(2, 1, 1, 2 + 6, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _rope_qk(t, small_sin, small_cos), (leaf,))
 
 
 def test_bf16_rope_casts_like_reference():
