@@ -7,6 +7,13 @@ Sinkhorn-Knopp, backward, AdamW, EMA) through geodino's real trainer, with a bre
 The comparison point (issue "The SSL trainer"): the reference implementation's full step takes about
 4.4 s at that setting on the project's 2-core machine (0.9 img/s, fp32). Data loading is timed
 separately (multi-crop of a 512² RGB image per sample) and is not part of the step.
+
+The student is built as `geodino train model=<arch>` builds it: the model config's training stochastic
+depth (`--drop-path` overrides it; the reference's is 0.3) and the released architecture's registers
+(`--storage-tokens 0` gives the reference's training ViT-S). The CPU allocator cache of
+`geodino.cpu.keep_freed_memory` is on unless `--no-malloc-cache`. Because a shared machine's speed
+drifts, the table also gives the step's FLOPs and the machine's fp32 matmul rate measured around the
+run; compare step times only between runs made back to back.
 The last line is `geodino step: median <s> s, <n> img/s`.
 """
 
