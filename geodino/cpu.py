@@ -50,3 +50,12 @@ def keep_freed_memory() -> bool:
         log.debug("mallopt refused the allocator settings; CPU buffers are returned to the kernel as usual")
     _applied = ok
     return ok
+
+
+def apply_run_settings(cfg, device) -> None:
+    """What a CLI verb does on the CPU: the allocator cache unless the config's ``cpu_malloc_cache`` is false."""
+    import torch
+
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if device.type == "cpu" and cfg.get("cpu_malloc_cache", True):
+        keep_freed_memory()

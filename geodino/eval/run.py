@@ -137,7 +137,10 @@ def run_eval(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, task: str, runner, root: Path) -> dict:
     from geodino.runs import default_run_dir, setup_logging
 
+    from geodino.cpu import apply_run_settings
+
     device = resolve_device(cfg.get("device", "auto"))
+    apply_run_settings(cfg, device)
     run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else default_run_dir("eval", task)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

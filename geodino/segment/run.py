@@ -233,6 +233,10 @@ def run_segment(cfg) -> dict:
             raise GeodinoError(f"segment needs {key}=...: e.g. geodino segment {example} prompts=[water,forest]")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    from geodino.cpu import apply_run_settings
+    from geodino.eval.run import resolve_device
+
+    apply_run_settings(cfg, resolve_device(cfg.get("device", "auto")))
     prompts = cfg.get("prompts")
     prompts = [prompts] if isinstance(prompts, str) else list(OmegaConf.to_container(prompts, resolve=True) or [])
     if not prompts:

@@ -113,10 +113,9 @@ def _run_train(cfg, dist_info):
         )
     device = dist_info.device
     is_main = dist_info.is_main
-    if device.type == "cpu" and cfg.get("cpu_malloc_cache", True):
-        from geodino.cpu import keep_freed_memory
+    from geodino.cpu import apply_run_settings
 
-        keep_freed_memory()
+    apply_run_settings(cfg, device)
     seed_everything(int(cfg.seed))
 
     run_dir = Path(cfg.run_dir) if cfg.get("run_dir") else default_run_dir("train", stage)
