@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbone import CropListForward
+
 __all__ = [
     "DinoConvNeXt",
     "convnext",
@@ -87,8 +89,9 @@ class ConvNeXtBlock(nn.Module):
         return x + _drop_path(y.permute(0, 3, 1, 2), self.drop_path, self.training)
 
 
-class DinoConvNeXt(nn.Module):
-    """Official DINOv3 ConvNeXt (see module docstring). ``embed_dim`` is the stage-4 width."""
+class DinoConvNeXt(CropListForward, nn.Module):
+    """Official DINOv3 ConvNeXt (see module docstring). ``embed_dim`` is the stage-4 width. ``forward_features``
+    takes a tensor or a list of crop groups (CropListForward); ``masks`` pass through (no mask token)."""
 
     def __init__(
         self,
@@ -185,18 +188,6 @@ class DinoConvNeXt(nn.Module):
                 }
             )
         return outputs
-
-    def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | list | None = None):
-        """Tensor in -> one dict; list in -> list of dicts. ``masks`` pass through (ConvNeXt has no mask token)."""
-        if isinstance(x, Tensor):
-            return self.forward_features_list([x], [masks])[0]
-        return self.forward_features_list(list(x), None if masks is None else list(masks))
-
-    def forward(self, *args, is_training: bool = False, **kwargs):
-        ret = self.forward_features(*args, **kwargs)
-        if is_training:
-            return ret
-        return self.head(ret["x_norm_clstoken"])
 
     def _get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1) -> list[tuple[Tensor, Tensor]]:
         h, w = x.shape[-2:]

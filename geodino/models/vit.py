@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 from timm.layers import LayerScale, Mlp
 from torch import Tensor, nn
 
+from .backbone import CropListForward
 from .rope import RopePositionEmbedding, apply_rope
 
 __all__ = ["DinoVisionTransformer", "dinov3_vit", "SwiGLUFFN", "LinearKMaskedBias", "SelfAttention"]
@@ -161,12 +162,11 @@ def _rope_qk(qk: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
         return apply_rope(qk, sin, cos)
     if qk.requires_grad and torch.is_grad_enabled():
         return _RopeQK.apply(qk, sin, cos)
-    return _rotate(qk, sin, cos, transpose=False)
+    return _rotate(qk, sin, cos)
 
 
-def _rotate(x: Tensor, sin: Tensor, cos: Tensor, transpose: bool) -> Tensor:
-    """The rotation (``transpose=False``) or its transpose, the backward map (``True``), on the last
-    ``sin.shape[-2]`` tokens; prefix tokens are copied."""
+def _rotate(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """``x1*cos1 - x2*sin1 | x2*cos2 + x1*sin2`` on the last ``sin.shape[-2]`` tokens; prefix tokens are copied."""
     n_rot = sin.shape[-2]
     prefix = x.shape[-2] - n_rot
     if prefix < 0:
@@ -177,33 +177,30 @@ def _rotate(x: Tensor, sin: Tensor, cos: Tensor, transpose: bool) -> Tensor:
         out[..., :prefix, :].copy_(x[..., :prefix, :])
     x, o = x[..., prefix:, :], out[..., prefix:, :]
     x1, x2, o1, o2 = x[..., :half], x[..., half:], o[..., :half], o[..., half:]
-    if not transpose:  # o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2
-        torch.mul(x1, cos[:, :half], out=o1)
-        o1.addcmul_(x2, sin[:, :half], value=-1)
-        torch.mul(x2, cos[:, half:], out=o2)
-        o2.addcmul_(x1, sin[:, half:])
-    else:  # the transpose: o1 = x1 c1 + x2 s2,  o2 = x2 c2 - x1 s1
-        torch.mul(x1, cos[:, :half], out=o1)
-        o1.addcmul_(x2, sin[:, half:])
-        torch.mul(x2, cos[:, half:], out=o2)
-        o2.addcmul_(x1, sin[:, :half], value=-1)
+    torch.mul(x1, cos[:, :half], out=o1)
+    o1.addcmul_(x2, sin[:, :half], value=-1)
+    torch.mul(x2, cos[:, half:], out=o2)
+    o2.addcmul_(x1, sin[:, half:])
     return out
 
 
 class _RopeQK(torch.autograd.Function):
-    """RoPE with a hand-written backward: the rotation is linear in ``x``, so its gradient is the transposed
-    rotation of the incoming gradient (no saved activations, 4 half-width passes). Written by hand because
-    autograd of the literal formula stores and replays every intermediate of neg/cat/mul/add."""
+    """RoPE with a hand-written backward. The rotation is linear in ``x``; its transpose
+    (``g1*cos1 + g2*sin2 | g2*cos2 - g1*sin1``) is the same rotation with the sine table's halves swapped and
+    negated, so the backward reuses :func:`_rotate` (no saved activations, 4 half-width passes). Written by hand
+    because autograd of the literal formula stores and replays every intermediate of neg/cat/mul/add."""
 
     @staticmethod
     def forward(ctx, qk: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
         ctx.save_for_backward(sin, cos)
-        return _rotate(qk, sin, cos, transpose=False)
+        return _rotate(qk, sin, cos)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         sin, cos = ctx.saved_tensors
-        return _rotate(grad, sin, cos, transpose=True), None, None
+        half = sin.shape[-1] // 2
+        sin_t = -torch.cat((sin[:, half:], sin[:, :half]), dim=-1)
+        return _rotate(grad, sin_t, cos), None, None
 
 
 class SelfAttention(nn.Module):
@@ -357,7 +354,7 @@ def _init_weights_vit(module: nn.Module) -> None:
         module.reset_parameters()
 
 
-class DinoVisionTransformer(nn.Module):
+class DinoVisionTransformer(CropListForward, nn.Module):
     """DINOv3 ViT with the official constructor arguments, key names and outputs (see module docstring)."""
 
     def __init__(
@@ -567,18 +564,6 @@ class DinoVisionTransformer(nn.Module):
                 }
             )
         return outputs
-
-    def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | list | None = None):
-        """Tensor in -> one output dict; list of crop groups (with a list of masks or None) -> list of dicts."""
-        if isinstance(x, Tensor):
-            return self.forward_features_list([x], [masks])[0]
-        return self.forward_features_list(list(x), None if masks is None else list(masks))
-
-    def forward(self, *args, is_training: bool = False, **kwargs):
-        ret = self.forward_features(*args, **kwargs)
-        if is_training:
-            return ret
-        return self.head(ret["x_norm_clstoken"])
 
     # -- intermediate layers ----------------------------------------------------------------------------------------
     def _get_intermediate_layers_not_chunked(self, x: Tensor, n: int | Sequence[int] = 1) -> list[Tensor]:

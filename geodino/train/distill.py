@@ -487,12 +487,9 @@ class DistillMetaArch(nn.Module):
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
         """students_ema <- m * students_ema + (1 - m) * students, parameters only (reference `update_ema`)."""
-        from geodino.train.distributed import local_tensors
+        from geodino.train.distributed import ema_update_
 
-        s = local_tensors(self.students.parameters())
-        t = local_tensors(self.students_ema.parameters())
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        ema_update_(self.students_ema.parameters(), self.students.parameters(), momentum)
 
     def export_backbone(self, name: str, which: str = "ema") -> nn.Module:
         if which not in ("ema", "student"):

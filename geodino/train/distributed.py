@@ -485,6 +485,16 @@ def local_tensors(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.to_local() if isinstance(p, DTensor) else p for p in params]
 
 
+@torch.no_grad()
+def ema_update_(teacher_params: Iterable[torch.Tensor], student_params: Iterable[torch.Tensor], momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, in place, parameter by parameter (reference `update_ema`).
+    Under FSDP2 both are sharded identically, so this works on the local shards with no communication."""
+    t = local_tensors(teacher_params)
+    s = local_tensors(student_params)
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
 def reshard(modules: Iterable[nn.Module]) -> None:
     """Free the unsharded parameters of FSDP2 roots after an inference-only forward (no-op otherwise)."""
     for m in modules:

@@ -32,7 +32,7 @@ from torch import nn
 
 from geodino.losses import DINOLoss, iBOTPatchLoss, koleo_loss, koleo_loss_distributed
 from geodino.models.heads import DINOHead
-from geodino.train.distributed import local_tensors, reshard
+from geodino.train.distributed import ema_update_, reshard
 
 
 def _head(embed_dim: int, cfg) -> DINOHead:
@@ -227,11 +227,7 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:
-        # local shards under FSDP2 (teacher and student are sharded identically): no communication
-        s = local_tensors(self.student.parameters())
-        t = local_tensors(self.teacher.parameters())
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        ema_update_(self.teacher.parameters(), self.student.parameters(), momentum)
 
     def student_modules(self) -> dict[str, nn.Module]:
         return dict(self.student.items())
