@@ -53,9 +53,6 @@ def keep_freed_memory() -> bool:
 
 
 def apply_run_settings(cfg, device) -> None:
-    """What a CLI verb does on the CPU: the allocator cache unless the config's ``cpu_malloc_cache`` is false."""
-    import torch
-
-    device = torch.device(device) if not isinstance(device, torch.device) else device
+    """What a CLI verb does on a CPU ``torch.device``: the allocator cache unless ``cpu_malloc_cache`` is false."""
     if device.type == "cpu" and cfg.get("cpu_malloc_cache", True):
         keep_freed_memory()

@@ -135,9 +135,8 @@ def run_eval(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, task: str, runner, root: Path) -> dict:
-    from geodino.runs import default_run_dir, setup_logging
-
     from geodino.cpu import apply_run_settings
+    from geodino.runs import default_run_dir, setup_logging
 
     device = resolve_device(cfg.get("device", "auto"))
     apply_run_settings(cfg, device)

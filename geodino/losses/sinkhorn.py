@@ -143,7 +143,6 @@ def _linear_domain(x: torch.Tensor, n_iterations: int, group, count: torch.Tenso
     q0 = x.sub_(col_max).exp_()  # every prototype's largest entry (on some rank) is exactly 1
     v = torch.ones(n_local, dtype=x.dtype, device=x.device)  # per-sample scale; the global 1/sum is folded away
     bad = torch.zeros((), dtype=torch.bool, device=x.device)
-    r = v
     for it in range(n_iterations):
         # each prototype gets total mass 1/K over all samples of the group
         s = _all_reduce(torch.mv(q0.t(), v), dist.ReduceOp.SUM, group)
