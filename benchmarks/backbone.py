@@ -41,7 +41,7 @@ def worker(impl: str, arch: str, size: int, batch: int, repeats: int, threads: i
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    from geodino.models.registry import build_backbone
+    from geodino.models import build_backbone
 
     model = build_backbone(f"dinov3_{arch}").eval()
     x = torch.randn(batch, 3, size, size)
@@ -82,7 +82,7 @@ def throughput(arch: str, size: int, batch: int, repeats: int, threads: int) -> 
     import torch
     from timm.models.eva import checkpoint_filter_fn
 
-    from geodino.models.registry import build_backbone
+    from geodino.models import build_backbone
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

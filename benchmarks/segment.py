@@ -56,15 +56,13 @@ def write_raster(path: Path, size: int, block: int = 512) -> float:
 def build_checkpoint(path: Path, backbone: str, head_blocks: int, embed_dim: int | None) -> Path:
     import torch
 
-    from geodino.models.registry import build_backbone, make_contract
+    from geodino.models import build_backbone
     from geodino.text.dinotxt import DinoTxt, DinoTxtConfig
-    from geodino.text.train import save_dinotxt
+    from geodino.text.io import save_dinotxt
 
     torch.manual_seed(0)
     bb = build_backbone(backbone, in_chans=4)
-    c = bb.geodino_contract
-    bb.geodino_contract = make_contract(c["name"], c["family"], c["kwargs"], bands=["R", "G", "B", "NIR"],
-                                        mean=[0.4] * 4, std=[0.2] * 4)
+    bb.geodino_contract = bb.geodino_contract.with_data(bands=["R", "G", "B", "NIR"], mean=[0.4] * 4, std=[0.2] * 4)
     dim = embed_dim or 2 * int(bb.embed_dim)
     model = DinoTxt(bb, DinoTxtConfig(embed_dim=dim, head_blocks=head_blocks))
     return save_dinotxt(model, path)

@@ -76,7 +76,7 @@ def main(argv=None):
     from geodino.data.collate import collate_data_and_cast
     from geodino.data.masking import MaskingGenerator
     from geodino.data.multicrop import MultiCropAugmentation
-    from geodino.models.registry import build_backbone, set_stochastic_depth
+    from geodino.models import build_backbone, set_stochastic_depth
     from geodino.train.loop import Trainer, TrainSettings
     from geodino.train.ssl import SSLMetaArch
 

@@ -1,16 +1,17 @@
 """geodino: the DINOv3 self-supervised stack for natural and Earth-observation imagery.
 
 Public API (imported lazily so `import geodino` and `geodino --help` stay light):
-`load_backbone`, `build_backbone`, `export_backbone` (geodino.models.registry) and
+`load_backbone`, `build_backbone`, `export_backbone` (geodino.models), `Contract` (geodino.contract) and
 `OpenVocabSegmenter` (geodino.segment.open_vocab).
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_backbone": ("geodino.models.registry", "load_backbone"),
-    "build_backbone": ("geodino.models.registry", "build_backbone"),
-    "export_backbone": ("geodino.models.registry", "export_backbone"),
+    "load_backbone": ("geodino.models", "load_backbone"),
+    "build_backbone": ("geodino.models", "build_backbone"),
+    "export_backbone": ("geodino.models", "export_backbone"),
+    "Contract": ("geodino.contract", "Contract"),
     "OpenVocabSegmenter": ("geodino.segment.open_vocab", "OpenVocabSegmenter"),
 }
 

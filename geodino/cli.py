@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Callable, Sequence
 
+from geodino.config import configs_dir
 from geodino.errors import GeodinoError
 
 VERBS: dict[str, str] = {
@@ -35,11 +34,6 @@ _BARE_WORD_GROUP = {"eval": "task"}
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
-
-
-def configs_dir() -> Path:
-    """The folder holding the packaged Hydra configs (works for regular and editable installs)."""
-    return Path(str(resources.files("geodino.configs")))
 
 
 def config_groups(verb: str) -> dict[str, list[str]]:
@@ -235,12 +229,12 @@ def _handlers() -> dict[str, Callable]:
         return run_segment(cfg)
 
     def curate(cfg):
-        from geodino.data.curation import run_curate
+        from geodino.verbs.curate import run_curate
 
         return run_curate(cfg)
 
     def export(cfg):
-        from geodino.models.registry import run_export
+        from geodino.verbs.export import run_export
 
         return run_export(cfg)
 

@@ -20,7 +20,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from geodino.eval.sample_probe import compare
-    from geodino.models.registry import backbone_from_contract, load_backbone
+    from geodino.models import backbone_from_contract, load_backbone
 
     trained = load_backbone(args.run)
     torch.manual_seed(args.seed)

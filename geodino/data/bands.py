@@ -47,13 +47,6 @@ SENSORS: dict[str, tuple[Band, ...]] = {
     "rgb": RGB,
 }
 
-# Normalisation of the released DINOv3 weights, on RGB scaled to [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SAT493M_MEAN = (0.430, 0.411, 0.296)
-SAT493M_STD = (0.213, 0.156, 0.143)
-
-
 def sensor_bands(sensor: str) -> tuple[Band, ...]:
     try:
         return SENSORS[sensor.lower()]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from geodino.contract import Contract
 from geodino.errors import GeodinoError
 
 log = logging.getLogger("geodino")
@@ -46,8 +47,8 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def contract_hash(contract: dict) -> str:
-    return _sha(contract)[:16]
+def contract_hash(contract: Contract) -> str:
+    return _sha(contract.to_dict())[:16]
 
 
 @torch.no_grad()
@@ -69,7 +70,7 @@ def weights_digest(model: nn.Module, samples: int = 4096) -> str:
 def backbone_fingerprint(model: nn.Module) -> str:
     fp = getattr(model, "_geodino_eval_fingerprint", None)
     if fp is None:
-        fp = f"{contract_hash(getattr(model, 'geodino_contract', {}))}-{weights_digest(model)}"
+        fp = f"{contract_hash(model.geodino_contract)}-{weights_digest(model)}"
         model._geodino_eval_fingerprint = fp
     return fp
 
@@ -246,8 +247,8 @@ class Extractor:
         self.n_last_layers = int(n_last_layers)
         if self.n_last_layers > 1 and not hasattr(backbone, "get_intermediate_layers"):
             raise GeodinoError(f"n_last_layers={n_last_layers} needs a ViT backbone with get_intermediate_layers")
-        self.contract = getattr(backbone, "geodino_contract", {})
-        self.patch_size = int(self.contract.get("patch_size", getattr(backbone, "patch_size", 16)))
+        self.contract = backbone.geodino_contract
+        self.patch_size = self.contract.patch_size
 
     @property
     def fingerprint(self) -> str:

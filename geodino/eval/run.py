@@ -23,22 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from geodino.errors import GeodinoError
+from geodino.models import load_backbone
+from geodino.runtime import resolve_device
 
 log = logging.getLogger("geodino")
 
 TASKS = ("loveda", "geobench", "canopy")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(str(name))
-    except RuntimeError as e:
-        raise GeodinoError(f"device={name} is not a device name ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GeodinoError(f"device={name} was requested but no CUDA device is visible; use device=cpu or device=auto")
-    return dev
 
 
 class EvalContext:
@@ -68,13 +58,11 @@ class EvalContext:
     def backbone(self, in_chans: int | None = None, bands: list[str] | None = None,
                  rgb_indices: list[int] | None = None) -> torch.nn.Module:
         """The frozen backbone; `in_chans` != its bands adapts the first layer (registry rule)."""
-        from geodino.models.registry import load_backbone
-
         if None not in self._backbones:
             torch.manual_seed(self.seed)  # a randomly initialised backbone is reproducible
             self._backbones[None] = load_backbone(str(self.cfg.backbone), weights=_opt(self.cfg.weights))
         base = self._backbones[None]
-        if in_chans is None or int(in_chans) == int(base.geodino_contract["in_chans"]):
+        if in_chans is None or int(in_chans) == base.geodino_contract.in_chans:
             return base
         key = (int(in_chans), tuple(bands) if bands else None, tuple(rgb_indices) if rgb_indices else None)
         if key not in self._backbones:
@@ -177,11 +165,11 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
         "backbone": {
             "name": str(cfg.backbone),
             "weights": _opt(cfg.get("weights")),
-            "arch": contract.get("name"),
-            "bands": contract.get("bands"),
-            "mean": contract.get("mean"),
-            "std": contract.get("std"),
-            "patch_size": contract.get("patch_size"),
+            "arch": contract.name,
+            "bands": list(contract.bands),
+            "mean": list(contract.mean),
+            "std": list(contract.std),
+            "patch_size": contract.patch_size,
             "contract_hash": contract_hash(contract),
             "fingerprint": backbone_fingerprint(backbone),
         },

@@ -34,12 +34,6 @@ def _read_sample() -> torch.Tensor:
     return torch.from_numpy(arr / 10000.0).clamp_(0, 1)
 
 
-def _normalise(x: torch.Tensor, contract: dict) -> torch.Tensor:
-    m = torch.tensor(contract["mean"], dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(contract["std"], dtype=torch.float32).view(-1, 1, 1)
-    return (x - m) / s
-
-
 def patch_labels(img: torch.Tensor, patch: int = 16) -> torch.Tensor:
     """(13, H, W) reflectance -> (H/patch, W/patch) land-cover labels from mean NDVI / NDWI."""
     b = {n: i for i, n in enumerate(SENTINEL2_BANDS)}
@@ -60,7 +54,7 @@ def land_cover_probe(backbone, k: int = 5) -> float:
     img = _read_sample()
     labels = patch_labels(img)
     gh, gw = labels.shape
-    x = _normalise(img, backbone.geodino_contract)[None]
+    x = backbone.geodino_contract.normalize(img)[None]
     backbone.eval()
     feats = F.normalize(backbone.forward_features(x)["x_norm_patchtokens"][0].float(), dim=-1).view(gh, gw, -1)
     half = gw // 2
@@ -83,7 +77,7 @@ def view_retrieval_probe(backbone, n_chips: int = 64, chip: int = 64, seed: int 
     contract = backbone.geodino_contract
     src = RasterSource([str(sample_sat_path())], chip_size=chip, length=n_chips, seed=seed)
     aug = MultiCropAugmentation(global_crops_size=chip, local_crops_size=16, local_crops_number=0,
-                                mean=contract["mean"], std=contract["std"], n_bands=len(contract["mean"]),
+                                mean=list(contract.mean), std=list(contract.std), n_bands=contract.n_bands,
                                 rgb_indices=(3, 2, 1))
     views_a, views_b = [], []
     for i in range(n_chips):
@@ -114,16 +108,16 @@ def gram_agreement_heldout(student, gram_teacher, n_chips: int = 32, size: int =
     bicubically to the student grid, as in training)."""
     from geodino.data.sources.raster import RasterSource
     from geodino.losses import resize_gram_teacher_tokens
-    from geodino.train.gram import gram_agreement
+    from geodino.train.monitors import gram_agreement
 
     contract = student.geodino_contract
     src = RasterSource([str(sample_sat_path())], chip_size=size, length=n_chips, seed=seed)
-    x = torch.stack([_normalise(src[i], contract) for i in range(n_chips)])
+    x = torch.stack([contract.normalize(src[i]) for i in range(n_chips)])
     xg = F.interpolate(x, size=(gram_size, gram_size), mode="bicubic", align_corners=False)
     student.eval()
     gram_teacher.eval()
     s = student.forward_features(x)["x_norm_patchtokens"]
     t = gram_teacher.forward_features(xg)["x_norm_patchtokens"]
-    p = int(getattr(student, "patch_size", 16))
+    p = student.token_stride
     t = resize_gram_teacher_tokens(t, (size // p, size // p), (gram_size // p, gram_size // p))
     return gram_agreement(s, t)

@@ -40,8 +40,13 @@ import torch.distributed as dist
 __all__ = ["sinkhorn_knopp"]
 
 
+LOCAL = "local"  # process_group=LOCAL: these rows alone, no collective even under torch.distributed
+
+
 def _process_group(process_group):
-    """The group to reduce over, or None when running in one process (no collective calls at all)."""
+    """The group to reduce over, or None when running in one process or asked for `LOCAL` (no collectives)."""
+    if process_group == LOCAL:
+        return None
     if dist.is_available() and dist.is_initialized():
         return process_group if process_group is not None else dist.group.WORLD
     return None
@@ -81,7 +86,8 @@ def sinkhorn_knopp(
         teacher_temp: teacher temperature τ_t.
         n_iterations: Sinkhorn iterations (3 in every official config); must be ≥ 1.
         process_group: the group whose samples share one transport problem. Defaults to WORLD when
-            torch.distributed is initialised; ignored (and no collective is issued) otherwise.
+            torch.distributed is initialised; ignored (and no collective is issued) otherwise, or when it
+            is ``"local"`` (a metric computed on one rank).
         n_masked_patches_tensor: iBOT variant, this rank's number of masked patches; the total sample
             count ``B`` is its all-reduced sum (the official code all-reduces the caller's tensor in
             place; here it is copied). By default ``B`` is the all-reduced row count.

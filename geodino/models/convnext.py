@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import CropListForward
+from .backbone import Backbone
 
 __all__ = [
     "DinoConvNeXt",
@@ -89,9 +89,18 @@ class ConvNeXtBlock(nn.Module):
         return x + _drop_path(y.permute(0, 3, 1, 2), self.drop_path, self.training)
 
 
-class DinoConvNeXt(CropListForward, nn.Module):
+class DinoConvNeXt(Backbone, nn.Module):
     """Official DINOv3 ConvNeXt (see module docstring). ``embed_dim`` is the stage-4 width. ``forward_features``
-    takes a tensor or a list of crop groups (CropListForward); ``masks`` pass through (no mask token)."""
+    takes a tensor or a list of crop groups (Backbone); ``masks`` pass through (no mask token). The reference trains
+    it without layer-wise LR decay (decay 1.0) and without a patch-embedding LR multiplier."""
+
+    family = "convnext"
+    uses_layer_decay = False
+    has_mask_token = False
+
+    @property
+    def token_stride(self) -> int:
+        return 32  # stem 4, then three 2x downsamplers
 
     def __init__(
         self,

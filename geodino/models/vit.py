@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 from timm.layers import LayerScale, Mlp
 from torch import Tensor, nn
 
-from .backbone import CropListForward
+from .backbone import Backbone
 from .rope import RopePositionEmbedding, apply_rope
 
 __all__ = ["DinoVisionTransformer", "dinov3_vit", "SwiGLUFFN", "LinearKMaskedBias", "SelfAttention"]
@@ -342,7 +342,7 @@ class SelfAttentionBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Backbone
 # ----------------------------------------------------------------------------------------------------------------
-def _init_weights_vit(module: nn.Module) -> None:
+def init_weights_vit(module: nn.Module) -> None:
     # Official `init_weights_vit`, applied to every submodule.
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
@@ -354,8 +354,31 @@ def _init_weights_vit(module: nn.Module) -> None:
         module.reset_parameters()
 
 
-class DinoVisionTransformer(CropListForward, nn.Module):
+class DinoVisionTransformer(Backbone, nn.Module):
     """DINOv3 ViT with the official constructor arguments, key names and outputs (see module docstring)."""
+
+    family = "vit"
+    uses_layer_decay = True
+    has_mask_token = True
+
+    @property
+    def token_stride(self) -> int:
+        return int(self.patch_size)
+
+    @property
+    def n_layer_ids(self) -> int:
+        return self.n_blocks + 1
+
+    def layer_id(self, name: str) -> int:
+        """The reference's layer id of a parameter (dinov3 ``param_groups.get_vit_lr_decay_rate``)."""
+        if name.startswith(("patch_embed", "cls_token", "storage_tokens", "mask_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.n_blocks + 1
+
+    def is_patch_embed(self, name: str) -> bool:
+        return name.startswith("patch_embed")
 
     def __init__(
         self,
@@ -471,7 +494,7 @@ class DinoVisionTransformer(CropListForward, nn.Module):
             nn.init.normal_(self.storage_tokens, std=0.02)
         nn.init.zeros_(self.mask_token)
         for m in self.modules():
-            _init_weights_vit(m)
+            init_weights_vit(m)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (``torch.utils.checkpoint``, RNG state preserved for sample drop)."""

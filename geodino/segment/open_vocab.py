@@ -32,7 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geodino.contract import Contract
+from geodino.data.geotiff import default_scale, read_scaled
 from geodino.errors import DataError, GeodinoError
+from geodino.runtime import resolve_device
+from geodino.text.io import load_dinotxt
 
 log = logging.getLogger("geodino")
 
@@ -132,14 +136,10 @@ class SegmentationResult:
         return names[self.labels.astype(np.int64) + 2]
 
 
-def default_scale(dtype) -> float:
-    return 255.0 if np.dtype(dtype) == np.uint8 else 10000.0
-
-
 class OpenVocabSegmenter:
     """Per-pixel open-vocabulary labels from a dino.txt model (see module doc)."""
 
-    def __init__(self, model, contract: dict, scale: float | None = None, device: str | torch.device = "cpu",
+    def __init__(self, model, contract: Contract, scale: float | None = None, device: str | torch.device = "cpu",
                  patch_features: str = "head", tile: int = 512, overlap: int = 64, blend: str = "linear",
                  info: dict | None = None):
         from geodino.text.dinotxt import DinoTxt
@@ -150,14 +150,12 @@ class OpenVocabSegmenter:
             raise GeodinoError("this dino.txt model has no patch-token half (use_patch_tokens=False): it cannot segment")
         if patch_features not in ("head", "backbone"):
             raise GeodinoError(f"patch_features must be head or backbone, got '{patch_features}'")
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.contract = dict(contract)
-        self.bands = list(contract["bands"])
-        self.in_chans = int(contract["in_chans"])
-        self.patch = int(contract["patch_size"])
-        self.mean = torch.tensor(contract["mean"], dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(contract["std"], dtype=torch.float32).view(-1, 1, 1)
+        self.contract = Contract.from_dict(contract)
+        self.bands = list(self.contract.bands)
+        self.in_chans = self.contract.in_chans
+        self.patch = self.contract.patch_size
         self.scale = None if scale is None else float(scale)
         self.patch_features = patch_features
         self.tile = int(tile)
@@ -172,8 +170,6 @@ class OpenVocabSegmenter:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> "OpenVocabSegmenter":
         """From a ``geodino train stage=text`` run directory or checkpoint file."""
-        from geodino.text.train import load_dinotxt
-
         model, meta = load_dinotxt(path)
         scale = kwargs.pop("scale", meta.get("data", {}).get("scale"))
         return cls(model, meta["contract"], scale=scale, device=device, info=meta, **kwargs)
@@ -201,7 +197,9 @@ class OpenVocabSegmenter:
         return emb
 
     # -- image ----------------------------------------------------------------------------------------------------
-    def _scale_for(self, dtype) -> float:
+    def scale_for(self, dtype) -> float:
+        """The divisor that brings raw values of this data type to [0, 1]: the checkpoint's data scale, else the
+        default for the type (geodino.data.geotiff.default_scale)."""
         return self.scale if self.scale is not None else default_scale(dtype)
 
     def to_float(self, arr: np.ndarray | torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -211,7 +209,7 @@ class OpenVocabSegmenter:
             raise DataError("a boolean array is not an image")
         if t.is_floating_point():
             return t.float()
-        s = float(scale) if scale is not None else self._scale_for(np.dtype(str(t.dtype).replace("torch.", "")))
+        s = float(scale) if scale is not None else self.scale_for(np.dtype(str(t.dtype).replace("torch.", "")))
         return (t.float() / s).clamp_(0.0, 1.0)
 
     def _band_error(self, n: int, what: str) -> GeodinoError:
@@ -274,34 +272,10 @@ class OpenVocabSegmenter:
             return torch.nan_to_num(x), valid.numpy(), info
         raise DataError(f"cannot segment a {type(image).__name__}: pass a numpy array, PIL image, torch tensor or a path")
 
-    def _band_indices(self, names: list[str], count: int, path) -> list[int]:
-        """Raster bands to read: by name when the descriptions hold the model's bands, else all in order."""
-        if all(b in names for b in self.bands) and len(set(self.bands)) == len(self.bands):
-            return [names.index(b) for b in self.bands]
-        if count == self.in_chans:
-            return list(range(count))
-        raise self._band_error(count, f"raster {path} ({', '.join(names)})")
-
     def _load_raster(self, path: Path, scale) -> tuple[torch.Tensor, np.ndarray, dict]:
-        import rasterio
-
-        try:
-            with rasterio.open(path) as src:
-                names = [d if d else f"band_{i + 1}" for i, d in enumerate(src.descriptions)]
-                idx = self._band_indices(names, src.count, path)
-                arr = src.read([i + 1 for i in idx])
-                nodata = src.nodata
-                info = {"path": str(path), "crs": src.crs, "transform": src.transform, "nodata": nodata}
-        except GeodinoError:
-            raise
-        except Exception as e:
-            raise DataError(f"cannot read raster {path}: {e}") from e
-        valid = valid_mask(arr, nodata)
-        s = scale if scale is not None else self._scale_for(arr.dtype)
-        # as in training (geodino.text.data): raster values / scale, clipped to [0, 1]
-        x = (torch.from_numpy(arr.astype(np.float32)) / s).clamp_(0.0, 1.0)
-        x = torch.nan_to_num(x) * torch.from_numpy(valid)[None]
-        return x, valid, info
+        # as in training (geodino.text.data): raster values / scale, clipped to [0, 1], bands by name
+        x, valid, info = read_scaled(path, self.bands, scale if scale is not None else self.scale)
+        return torch.from_numpy(x), valid, info
 
     # -- prediction -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -311,7 +285,7 @@ class OpenVocabSegmenter:
         c, h, w = x01.shape
         if c != self.in_chans:
             raise self._band_error(c, "image")
-        x = (x01.float() - self.mean) / self.std
+        x = self.contract.normalize(x01.float())
         if valid is not None:
             v = torch.as_tensor(np.asarray(valid))
             if not bool(v.all()):
@@ -390,22 +364,3 @@ def decide(probs: np.ndarray, valid: np.ndarray, background: float | None) -> tu
     lab[~valid] = NODATA
     sc[~valid] = 0.0
     return lab, sc
-
-
-def valid_mask(arr: np.ndarray, nodata) -> np.ndarray:
-    """(C, h, w) -> pixels that are not nodata in every band (and not NaN)."""
-    valid = np.ones(arr.shape[1:], bool)
-    if np.issubdtype(arr.dtype, np.floating):
-        valid &= ~np.isnan(arr).any(0)
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-        valid &= ~(arr == nodata).all(0)
-    return valid
-
-
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GeodinoError(f"device={device} was requested but no CUDA device is visible; use device=cpu")
-    return dev

@@ -28,7 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from omegaconf import OmegaConf
+
+from geodino.data.geotiff import band_names, pick_bands, valid_mask
 from geodino.errors import DataError, GeodinoError
+from geodino.runs import default_run_dir
+from geodino.runtime import verb_setup
+from geodino.segment.open_vocab import OpenVocabSegmenter, check_prompts, decide, resolve_templates
+from geodino.segment.tiling import blend_tiles
 
 log = logging.getLogger("geodino")
 
@@ -107,9 +114,6 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
     import rasterio
     from rasterio.windows import Window
 
-    from geodino.segment.open_vocab import check_prompts, decide, valid_mask
-    from geodino.segment.tiling import blend_tiles
-
     prompts = check_prompts(prompts)
     if background is not None and not 0.0 <= float(background) <= 1.0:
         raise GeodinoError(f"background is a probability threshold in [0, 1], got {background}")
@@ -133,13 +137,12 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
         except Exception as e:
             raise DataError(f"cannot open raster {input_path}: {e}") from e
         with src:
-            names = [d if d else f"band_{i + 1}" for i, d in enumerate(src.descriptions)]
-            idx = segmenter._band_indices(names, src.count, input_path)
+            idx = pick_bands(band_names(src), segmenter.bands, src.count, str(input_path))
             bands = [i + 1 for i in idx]
             in_nodata = src.nodata
             H, W = src.height, src.width
             out_nodata, notes = label_values(k, bg, in_nodata)
-            s = scale if scale is not None else segmenter._scale_for(src.dtypes[idx[0]])
+            s = scale if scale is not None else segmenter.scale_for(src.dtypes[idx[0]])
             profile = dict(driver="GTiff", dtype="uint8", count=2 if scores else 1, width=W, height=H, crs=src.crs,
                            transform=src.transform, nodata=out_nodata, tiled=True, blockxsize=256, blockysize=256,
                            compress=compress, BIGTIFF="IF_SAFER", interleave="band")
@@ -189,7 +192,7 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
                                     progress=progress, desc=f"segment {input_path.name}")
                 tags = {"CLASSES": json.dumps(prompts), "BACKGROUND_THRESHOLD": "" if background is None else str(background),
                         "BACKGROUND_VALUE": str(k + 1) if bg else "",
-                        "TEMPLATES": json.dumps(list(segmenter_templates(templates))),
+                        "TEMPLATES": json.dumps(list(resolve_templates(templates))),
                         "CHECKPOINT": str(segmenter.info.get("checkpoint", "")),
                         "SCORE_ENCODING": "probability = (value - 1) / 253" if scores else ""}
                 tags.update({f"CLASS_{i + 1}": p for i, p in enumerate(prompts)})
@@ -213,30 +216,12 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
     return summary
 
 
-def segmenter_templates(templates):
-    from geodino.segment.open_vocab import resolve_templates
-
-    return resolve_templates(templates)
-
-
 def run_segment(cfg) -> dict:
     """`geodino segment checkpoint=... input=... prompts=[...] [out=...]`."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from geodino.runs import default_run_dir, setup_logging
-    from geodino.segment.open_vocab import OpenVocabSegmenter
-
-    setup_logging()
     for key, example in (("checkpoint", "checkpoint=outputs/train/text/<run>"), ("input", "input=scene.tif")):
         if OmegaConf.is_missing(cfg, key):
             raise GeodinoError(f"segment needs {key}=...: e.g. geodino segment {example} prompts=[water,forest]")
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    from geodino.cpu import apply_run_settings
-    from geodino.eval.run import resolve_device
-
-    apply_run_settings(cfg, resolve_device(cfg.get("device", "auto")))
+    verb_setup(cfg)
     prompts = cfg.get("prompts")
     prompts = [prompts] if isinstance(prompts, str) else list(OmegaConf.to_container(prompts, resolve=True) or [])
     if not prompts:

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geodino.data.geotiff import band_names, default_scale, raster_bands, valid_mask
+from geodino.data.stats import band_statistics
 from geodino.errors import DataError
 
 log = logging.getLogger("geodino")
@@ -122,18 +124,6 @@ def read_caption_file(path: str | Path, root: str | Path | None = None, check_fi
     return pairs
 
 
-def default_scale(dtype: str | np.dtype) -> float:
-    """255 for 8-bit rasters, 10000 (Sentinel-2 / Landsat digital numbers) otherwise."""
-    return 255.0 if np.dtype(dtype) == np.uint8 else 10000.0
-
-
-def raster_band_names(path: Path) -> list[str]:
-    import rasterio
-
-    with rasterio.open(path) as src:
-        return [d if d else f"band_{i + 1}" for i, d in enumerate(src.descriptions)]
-
-
 class CaptionSource(torch.utils.data.Dataset):
     """Item ``i`` -> ``{"image": (C, H, W) float in [0, 1] (NaN at nodata), "captions": [...]}``."""
 
@@ -146,7 +136,7 @@ class CaptionSource(torch.utils.data.Dataset):
         self.length = len(self.pairs) if length is None else int(length)
         first = self.pairs[0].path
         if first.suffix.lower() in RASTER_SUFFIXES:
-            names = raster_band_names(first)
+            names, _ = raster_bands(first)
             if bands is not None:
                 from geodino.data.bands import select_bands
 
@@ -174,7 +164,7 @@ class CaptionSource(torch.utils.data.Dataset):
 
             try:
                 with rasterio.open(path) as src:
-                    names = [d if d else f"band_{i + 1}" for i, d in enumerate(src.descriptions)]
+                    names = band_names(src)
                     generic = all(n == f"band_{i + 1}" for i, n in enumerate(names))
                     if generic and len(names) == self.n_bands and not all(b in names for b in self.band_names):
                         names = list(self.band_names)  # no band descriptions: bands in file order
@@ -189,11 +179,8 @@ class CaptionSource(torch.utils.data.Dataset):
                 raise
             except Exception as e:
                 raise DataError(f"cannot read raster {path}: {e}") from e
-            x = arr.astype(np.float32)
-            bad = np.isnan(x).any(0) if np.issubdtype(x.dtype, np.floating) else np.zeros(x.shape[1:], bool)
-            if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-                bad |= (arr == nodata).all(0)
-            x = np.clip(x / scale, 0.0, 1.0)
+            bad = ~valid_mask(arr, nodata)
+            x = np.clip(arr.astype(np.float32) / scale, 0.0, 1.0)
             x[:, bad] = np.nan
             return torch.from_numpy(x)
         if self.n_bands != 3:
@@ -207,24 +194,10 @@ class CaptionSource(torch.utils.data.Dataset):
         return {"image": self.read(pair.path), "captions": pair.captions}
 
 
-def band_statistics(source: CaptionSource, n: int = 64) -> tuple[list[float], list[float]]:
-    """Per-band mean / std over (up to) ``n`` evenly spaced images, nodata excluded."""
+def caption_band_statistics(source: CaptionSource, n: int = 64) -> tuple[list[float], list[float]]:
+    """Per-band mean / std over (up to) ``n`` evenly spaced pairs, nodata excluded (geodino.data.stats)."""
     idx = np.unique(np.linspace(0, len(source.pairs) - 1, min(n, len(source.pairs))).round().astype(int))
-    s = torch.zeros(source.n_bands, dtype=torch.float64)
-    s2 = torch.zeros_like(s)
-    cnt = torch.zeros_like(s)
-    for i in idx:
-        x = source.read(source.pairs[int(i)].path).double().flatten(1)
-        ok = ~torch.isnan(x)
-        x = torch.where(ok, x, torch.zeros_like(x))
-        s += x.sum(1)
-        s2 += (x * x).sum(1)
-        cnt += ok.sum(1)
-    if (cnt == 0).any():
-        raise DataError("band statistics: some band has no valid pixel in the sampled images")
-    mean = s / cnt
-    std = (s2 / cnt - mean**2).clamp_min(1e-12).sqrt().clamp_min(1e-3)
-    return [float(m) for m in mean], [float(v) for v in std]
+    return band_statistics(source, indices=[int(i) for i in idx])
 
 
 class CaptionAugment:

@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geodino.contract import Contract
 from geodino.errors import CheckpointError, GeodinoError
+from geodino.models.vit import dinov3_vit
+from geodino.models.weights import load_weights_into, read_state_dict
 
 __all__ = [
     "DinoTxtConfig",
@@ -168,10 +171,10 @@ class VisionHead(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        from geodino.models.vit import _init_weights_vit
+        from geodino.models.vit import init_weights_vit
 
         for m in self.modules():
-            _init_weights_vit(m)
+            init_weights_vit(m)
 
     def forward(self, tokens: Tensor) -> Tensor:
         for blk in self.blocks:
@@ -369,8 +372,6 @@ class DinoTxt(nn.Module):
         The shape comes from ``cfg`` or ``dinotxt_config`` + ``text_kwargs``, else the released ViT-L config.
         """
         if not isinstance(state_dict, dict):
-            from geodino.models.registry import read_state_dict
-
             state_dict, _ = read_state_dict(state_dict)
         sd = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in state_dict.items()}
         if cfg is None:
@@ -385,14 +386,9 @@ class DinoTxt(nn.Module):
         if backbone is None:
             if vit_kwargs is None:
                 raise CheckpointError("from_official needs a backbone module or the backbone's vit_kwargs")
-            from geodino.models.registry import make_contract
-            from geodino.models.vit import dinov3_vit
-
             backbone = dinov3_vit(**vit_kwargs)
-            backbone.geodino_contract = make_contract("dinotxt_backbone", "vit", dict(vit_kwargs))
+            backbone.geodino_contract = Contract("dinotxt_backbone", "vit", dict(vit_kwargs))
         if bb_sd:
-            from geodino.models.registry import load_weights_into
-
             load_weights_into(backbone, bb_sd, source="visual_model.backbone.* of the dino.txt state dict")
         model = cls(backbone, cfg)
         native = official_to_native({k: v for k, v in sd.items() if not k.startswith("visual_model.backbone.")},

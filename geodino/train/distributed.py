@@ -57,6 +57,7 @@ import torch.distributed as dist
 from torch import nn
 
 from geodino.errors import GeodinoError
+from geodino.runtime import resolve_device
 
 log = logging.getLogger("geodino")
 
@@ -104,19 +105,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _device_for(requested: str | None, local_rank: int) -> torch.device:
-    name = "auto" if requested in (None, "auto") else str(requested)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    dev = resolve_device(requested, local_rank=local_rank)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GeodinoError(f"device={requested} was requested but no CUDA device is visible; use device=cpu")
-        if dev.index is None:  # one GPU per local rank
-            n_gpus = torch.cuda.device_count()
-            if local_rank >= n_gpus:
-                raise GeodinoError(f"LOCAL_RANK={local_rank} but only {n_gpus} GPU(s) are visible: start at most "
-                                   f"{n_gpus} processes per node (torchrun --nproc_per_node) or use device=cpu")
-            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     return dev
 
@@ -146,8 +136,13 @@ def init_distributed(device: str | None = "auto", timeout_s: float = 1800.0) -> 
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
 
 
+def is_distributed_initialized() -> bool:
+    """Whether a default process group exists (e.g. one a caller created)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def destroy_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed_initialized():
         dist.destroy_process_group()
 
 
@@ -357,7 +352,7 @@ def _optim_ids_to_names(osd: dict, names: list[str]) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-class _ForwardFeatures(nn.Module):
+class ForwardFeatures(nn.Module):
     """``forward`` = ``backbone.forward_features``, so DDP's forward hooks run for that call."""
 
     def __init__(self, backbone: nn.Module):
@@ -447,7 +442,7 @@ def wrap_student(meta: nn.Module, mode: str = "ddp", param_dtype: torch.dtype | 
         for name, module in student.items():
             if not any(p.requires_grad for p in module.parameters()):
                 continue
-            target = _ForwardFeatures(module) if name == "backbone" else module
+            target = ForwardFeatures(module) if name == "backbone" else module
             calls[name] = DDP(target, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
                               **no_buffer_sync)
         meta.student_calls = calls  # a plain dict: not registered, state-dict keys unchanged

@@ -23,28 +23,13 @@ import random
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from geodino.losses import GramLoss, resize_gram_teacher_tokens
+from geodino.train.monitors import gram_agreement
 from geodino.train.ssl import SSLMetaArch
 
 log = logging.getLogger("geodino")
-
-
-@torch.no_grad()
-def gram_agreement(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> float:
-    """Mean over images of the Pearson correlation between the student's and the teacher's patch
-    cosine-similarity matrices (1 = the same dense similarity structure). Used as the dense-feature
-    monitor in every stage that has a Gram teacher."""
-    s = F.normalize(student_tokens.float(), dim=-1)
-    t = F.normalize(teacher_tokens.float(), dim=-1)
-    gs = (s @ s.transpose(1, 2)).flatten(1)
-    gt = (t @ t.transpose(1, 2)).flatten(1)
-    gs = gs - gs.mean(1, keepdim=True)
-    gt = gt - gt.mean(1, keepdim=True)
-    corr = (gs * gt).sum(1) / (gs.norm(dim=1) * gt.norm(dim=1)).clamp_min(1e-12)
-    return float(corr.mean())
 
 
 class GramMetaArch(SSLMetaArch):
@@ -78,7 +63,7 @@ class GramMetaArch(SSLMetaArch):
             self.gram_teacher_forward_count += 1
             target = self.gram_teacher.forward_features(crops)["x_norm_patchtokens"]
         s_tokens = student["x_norm_patchtokens"]
-        patch = int(getattr(self.student.backbone, "patch_size", 16))
+        patch = self.student.backbone.token_stride
         sg = (batch["collated_global_crops"].shape[-2] // patch, batch["collated_global_crops"].shape[-1] // patch)
         tg = (crops.shape[-2] // patch, crops.shape[-1] // patch)
         target = resize_gram_teacher_tokens(target, sg, tg, method="bicubic", antialias=False)
@@ -133,54 +118,8 @@ class MultiResolutionDataset(torch.utils.data.Dataset):
         return out
 
 
-def load_init(init: str, expected_stages: Sequence[str]) -> dict:
-    """The predecessor checkpoint of a stage, with a clear error for a wrong or missing one."""
-    from geodino.errors import GeodinoError
-    from geodino.train.checkpoint import load_checkpoint
-
-    if not init:
-        raise GeodinoError(
-            f"this stage continues from a predecessor: pass init=<run directory or checkpoint> of a "
-            f"{' / '.join(expected_stages)} run"
-        )
-    ckpt = load_checkpoint(init)
-    if ckpt.get("format") != "geodino-train-checkpoint" or "contract" not in ckpt:
-        raise GeodinoError(f"init={init} is not a geodino training checkpoint")
-    stage = ckpt.get("stage")
-    if stage not in expected_stages:
-        raise GeodinoError(
-            f"init={init} is a '{stage}' run; this stage continues from {' or '.join(expected_stages)}"
-        )
-    return ckpt
-
-
 def copy_backbone(backbone: nn.Module) -> nn.Module:
     out = copy.deepcopy(backbone)
     for p in out.parameters():
         p.requires_grad_(False)
     return out.eval()
-
-
-@torch.no_grad()
-def heldout_monitor(meta, images: torch.Tensor, gram_size: int | None = None) -> dict:
-    """Dense-feature quality on fixed held-out images (normalised, (N, C, H, W)), for every stage:
-    the student's class-token spread and patch effective rank, and, when the meta-architecture has a
-    Gram teacher, the patch-similarity agreement between the student (at H) and the Gram teacher (at
-    `gram_size`, tokens resized to the student grid)."""
-    student = meta.student.backbone
-    was_training = student.training
-    student.eval()
-    try:
-        out = student.forward_features(images)
-        stats = {f"heldout_{k}": v for k, v in meta.monitor(out["x_norm_clstoken"], out["x_norm_patchtokens"]).items()}
-        gram_teacher = getattr(meta, "gram_teacher", None)
-        if gram_teacher is not None and gram_size:
-            patch = int(getattr(student, "patch_size", 16))
-            xg = F.interpolate(images, size=(gram_size, gram_size), mode="bicubic", align_corners=False)
-            t = gram_teacher.forward_features(xg)["x_norm_patchtokens"]
-            g = images.shape[-1] // patch
-            t = resize_gram_teacher_tokens(t, (g, g), (gram_size // patch, gram_size // patch))
-            stats["heldout_gram_agreement"] = gram_agreement(out["x_norm_patchtokens"], t)
-    finally:
-        student.train(was_training)
-    return stats

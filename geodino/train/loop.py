@@ -6,7 +6,9 @@ with this small interface
 - `student_modules() -> {name: module}` — what the optimiser trains and clips (separately per module);
 - `forward_backward(batch, teacher_temp, loss_scale=...) -> (loss, stats)`;
 - `update_ema(momentum)`, `state_dict()` / `load_state_dict()`;
-- optional `after_step(step)` (e.g. a Gram-teacher refresh),
+- optional `param_groups(settings)` (its own optimiser groups; default: the reference's SSL groups),
+  `after_step(step)` (e.g. a Gram-teacher refresh) and `on_checkpoint(run_dir, step)` (e.g. writing
+  distilled students beside each checkpoint),
 
 and a *batch source* that turns a global batch index into a training batch. Step order follows the
 reference: set LR/WD, zero grads, forward_backward (grad accumulation over micro-batches), clip per
@@ -32,9 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from geodino import checkpoint as ckpt_io
 from geodino.errors import GeodinoError
+from geodino.models.backbone import Backbone
 from geodino.runs import MetricsWriter
-from geodino.train import checkpoint as ckpt_io
 from geodino.train.distributed import Parallel, rank_masks
 from geodino.train.schedules import cosine_schedule, lr_scaled, teacher_temp_schedule
 
@@ -45,29 +48,26 @@ log = logging.getLogger("geodino")
 # Parameter groups (reference `get_params_groups_with_decay_fsdp`)
 # ------------------------------------------------------------------------------------------------
 
-def _layer_id(name: str, n_blocks: int) -> int:
-    if name.startswith(("patch_embed", "cls_token", "storage_tokens", "mask_token", "downsample_layers.0")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    if name.startswith("stages."):  # ConvNeXt: layer decay is 1.0 in the reference, ids are cosmetic
-        return int(name.split(".")[1]) + 1
-    return n_blocks + 1
-
-
 def param_groups(modules: dict[str, nn.Module], layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
-    """Merge parameters with equal (lr multiplier, wd multiplier, last-layer flag) into one group."""
+    """The reference's parameter groups, built per student module and merged where (lr multiplier, wd
+    multiplier, last-layer flag, backbone flag) agree (dinov3_spec.md §6):
+
+    - a backbone (`geodino.models.Backbone`) that uses layer-wise decay gets ``d^(L+1−layer_id)``, and its patch
+      embedding a further ``patch_embed_lr_mult``; other modules (heads) and ConvNeXt backbones get 1;
+    - weight decay 0 for names ending in ``bias`` or containing ``norm`` or ``gamma`` (the learned tokens decay);
+    - ``last_layer`` parameters are flagged for the last-layer LR schedule.
+    """
     groups: dict[tuple, dict] = {}
     for mod_name, module in modules.items():
-        is_backbone = mod_name == "backbone" or mod_name.startswith("backbone")
-        n_blocks = len(getattr(module, "blocks", [])) if is_backbone else 0
+        is_backbone = isinstance(module, Backbone)
+        decay = is_backbone and module.uses_layer_decay
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
             lr_mult = 1.0
-            if is_backbone:
-                lr_mult = layerwise_decay ** (n_blocks + 1 - _layer_id(name, n_blocks))
-                if name.startswith("patch_embed") or name.startswith("downsample_layers.0"):
+            if decay:
+                lr_mult = layerwise_decay ** (module.n_layer_ids - module.layer_id(name))
+                if module.is_patch_embed(name):
                     lr_mult *= patch_embed_lr_mult
             wd_mult = 0.0 if (name.endswith("bias") or "norm" in name or "gamma" in name) else 1.0
             is_last = "last_layer" in name
@@ -199,6 +199,8 @@ class TrainSettings:
 
 
 class Trainer:
+    """The one training loop (see the module docstring): schedules, optimiser, clipping, EMA, checkpoints."""
+
     def __init__(self, meta_arch: nn.Module, batches: IndexedBatches, settings: TrainSettings, run_dir: str | Path,
                  device: torch.device, checkpoint_extra: dict | None = None, is_main: bool = True,
                  parallel: Parallel | None = None, monitor: Callable[[], dict] | None = None,
@@ -213,7 +215,7 @@ class Trainer:
         self.device = device
         self.extra = dict(checkpoint_extra or {})
         self.is_main = is_main
-        # Held-out dense-feature monitor (geodino.train.gram.heldout_monitor), every `monitor_every` steps.
+        # Held-out dense-feature monitor (geodino.train.monitors.heldout_monitor), every `monitor_every` steps.
         self.monitor, self.monitor_every = monitor, int(monitor_every)
         n = settings.iterations
         global_batch = settings.batch_size * settings.grad_accum * settings.world_size
@@ -223,7 +225,11 @@ class Trainer:
         self.momentum = cosine_schedule(settings.momentum, settings.final_momentum, n)
         self.teacher_temp = teacher_temp_schedule(settings.warmup_teacher_temp, settings.teacher_temp,
                                                   settings.warmup_teacher_temp_iterations, n)
-        self.groups = param_groups(self.meta.student_modules(), settings.layerwise_decay, settings.patch_embed_lr_mult)
+        # A meta-architecture may define its own parameter groups (dino.txt: the reference's text-stage rule);
+        # otherwise the reference's SSL groups over its student modules.
+        custom = getattr(self.meta, "param_groups", None)
+        self.groups = custom(settings) if callable(custom) else param_groups(
+            self.meta.student_modules(), settings.layerwise_decay, settings.patch_embed_lr_mult)
         # The fused AdamW kernel (CUDA and, since torch 2.4, CPU) updates each tensor in one pass; on the CPU the
         # "foreach" path is a per-tensor loop of ~10 element-wise ops (66M parameters at the reference ViT-S
         # head sizes: 0.20 s -> 0.06 s per step on 2 cores).
@@ -253,22 +259,20 @@ class Trainer:
         optim_sd = self.parallel.optim_state_dict(self.meta, self.optimizer)
         if not self.is_main:
             return None
-        return {
-            "format": "geodino-train-checkpoint",
-            "step": next_step,
-            "models": {"meta_arch": model_sd},
-            "optimizer": optim_sd,
-            "rng": ckpt_io.rng_state(),
-            "data_position": next_step * self.s.grad_accum,
-            "nan_streak": self.nan_streak,
-            **self.extra,
-        }
+        return ckpt_io.training_payload(next_step, model_sd, optim_sd, data_position=next_step * self.s.grad_accum,
+                                        nan_streak=self.nan_streak, extra=self.extra)
 
     def save(self, next_step: int) -> Path | None:
-        state = self.state(next_step)  # every rank: gathering a sharded state is collective
+        """Write a checkpoint (every rank calls: gathering a sharded state is collective; the main rank writes),
+        then run the meta-architecture's `on_checkpoint(run_dir, step)` hook on the main rank."""
+        state = self.state(next_step)
         if state is None:
             return None
-        return ckpt_io.save_checkpoint(state, self.run_dir / "checkpoints", next_step, self.s.keep_last)
+        path = ckpt_io.save_checkpoint(state, self.run_dir / "checkpoints", next_step, self.s.keep_last)
+        hook = getattr(self.meta, "on_checkpoint", None)
+        if callable(hook):
+            hook(self.run_dir, next_step)
+        return path
 
     def resume(self, path: str | Path) -> int:
         state = ckpt_io.load_checkpoint(path)
@@ -282,7 +286,7 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.start_step)
         return self.start_step
 
-    # -- the loop ---------------------------------------------------------------------------------
+    # -- one step ---------------------------------------------------------------------------------
     def _set_schedules(self, step: int) -> None:
         for group in self.optimizer.param_groups:
             lr = self.lr[step] * group["lr_mult"]
@@ -293,6 +297,77 @@ class Trainer:
             group["lr"] = lr
             group["weight_decay"] = self.wd[step] * group["wd_mult"]
 
+    def _forward_backward(self, data, step: int) -> tuple[dict[str, float], float]:
+        """Forward and backward over `grad_accum` micro-batches; (rank-mean stats, data time)."""
+        t_data = 0.0
+        stats_acc: dict[str, float] = {}
+        for _ in range(self.s.grad_accum):
+            td = time.perf_counter()
+            _, batch = next(data)
+            batch = _to_device(batch, self.device)
+            t_data += time.perf_counter() - td
+            with self._autocast():
+                _, stats = self.meta.forward_backward(batch, float(self.teacher_temp[step]),
+                                                      loss_scale=1.0 / self.s.grad_accum)
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / self.s.grad_accum
+        return self.parallel.reduce_stats(stats_acc), t_data  # rank means (identity in one process)
+
+    def _clip(self) -> dict[str, float]:
+        """Clip each student module's gradients separately (reference); the norms before clipping."""
+        norms = {}
+        for name, module in self.meta.student_modules().items():
+            params = [p for p in module.parameters() if p.grad is not None]
+            if params and self.s.clip_grad > 0:
+                norms[f"grad_norm_{name}"] = self.parallel.clip_grad_norm_(params, self.s.clip_grad)
+        return norms
+
+    def _update(self, step: int, loss: float) -> None:
+        """Optimiser step and EMA, or skip the step on a non-finite loss (abort after more than 2 in a row)."""
+        if not math.isfinite(loss):
+            self.nan_streak += 1
+            log.warning("step %d: non-finite loss %s (%d in a row)", step, loss, self.nan_streak)
+            if self.nan_streak > 2:
+                raise GeodinoError(
+                    f"training diverged: non-finite loss for {self.nan_streak} consecutive steps at step {step}; "
+                    "lower optim.lr or check the data normalisation"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self.nan_streak = 0
+        self.optimizer.step()
+        self.meta.update_ema(float(self.momentum[step]))
+
+    def step(self, data, step: int) -> dict:
+        """One training iteration (reference order); returns the metrics row."""
+        t0 = time.perf_counter()
+        self._set_schedules(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats, t_data = self._forward_backward(data, step)
+        t_fb = time.perf_counter()
+        grad_norms = self._clip()
+        self._update(step, stats["loss"])
+        hook = getattr(self.meta, "after_step", None)
+        if hook is not None:
+            stats.update(hook(step) or {})
+        if self.monitor is not None and self.monitor_every > 0 and (
+                step % self.monitor_every == 0 or step == self.s.iterations - 1):
+            stats.update(self.monitor())
+        t_end = time.perf_counter()
+        return {
+            "step": step, **stats, **grad_norms,
+            "lr": float(self.lr[step]), "wd": float(self.wd[step]), "momentum": float(self.momentum[step]),
+            "teacher_temp": float(self.teacher_temp[step]),
+            "time_data": t_data, "time_forward_backward": t_fb - t0 - t_data, "time_optim": t_end - t_fb,
+            "time_step": t_end - t0,
+        }
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _log(self, step: int, row: dict) -> None:
+        if self.is_main and (step % self.s.log_every == 0 or step == self.s.iterations - 1):
+            log.info("step %d/%d loss %.4f %s", step, self.s.iterations, row["loss"],
+                     " ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("loss_")))
+
     def fit(self, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
         from tqdm.auto import tqdm
 
@@ -302,72 +377,15 @@ class Trainer:
         data = self.batches.iterate(self.start_step * s.grad_accum)
         bar = tqdm(total=s.iterations, initial=self.start_step, desc="train", disable=not (s.progress and self.is_main),
                    dynamic_ncols=True)
-        step = self.start_step
         try:
             for step in range(self.start_step, s.iterations):
-                t0 = time.perf_counter()
-                self._set_schedules(step)
-                self.optimizer.zero_grad(set_to_none=True)
-                t_data = 0.0
-                stats_acc: dict[str, float] = {}
-                for _ in range(s.grad_accum):
-                    td = time.perf_counter()
-                    _, batch = next(data)
-                    batch = _to_device(batch, self.device)
-                    t_data += time.perf_counter() - td
-                    with self._autocast():
-                        _, stats = self.meta.forward_backward(batch, float(self.teacher_temp[step]),
-                                                              loss_scale=1.0 / s.grad_accum)
-                    for k, v in stats.items():
-                        stats_acc[k] = stats_acc.get(k, 0.0) + v / s.grad_accum
-                stats_acc = self.parallel.reduce_stats(stats_acc)  # rank means (identity in one process)
-                t_fb = time.perf_counter()
-                grad_norms = {}
-                for name, module in self.meta.student_modules().items():
-                    params = [p for p in module.parameters() if p.grad is not None]
-                    if params and s.clip_grad > 0:
-                        grad_norms[f"grad_norm_{name}"] = self.parallel.clip_grad_norm_(params, s.clip_grad)
-                if not math.isfinite(stats_acc["loss"]):
-                    self.nan_streak += 1
-                    log.warning("step %d: non-finite loss %s (%d in a row)", step, stats_acc["loss"], self.nan_streak)
-                    if self.nan_streak > 2:
-                        raise GeodinoError(
-                            f"training diverged: non-finite loss for {self.nan_streak} consecutive steps at step {step}; "
-                            "lower optim.lr or check the data normalisation"
-                        )
-                    self.optimizer.zero_grad(set_to_none=True)
-                else:
-                    self.nan_streak = 0
-                    self.optimizer.step()
-                    self.meta.update_ema(float(self.momentum[step]))
-                hook = getattr(self.meta, "after_step", None)
-                if hook is not None:
-                    stats_acc.update(hook(step) or {})
-                if self.monitor is not None and self.monitor_every > 0 and (
-                        step % self.monitor_every == 0 or step == s.iterations - 1):
-                    stats_acc.update(self.monitor())
-                t_end = time.perf_counter()
-                row = {
-                    "step": step,
-                    **stats_acc,
-                    **grad_norms,
-                    "lr": float(self.lr[step]),
-                    "wd": float(self.wd[step]),
-                    "momentum": float(self.momentum[step]),
-                    "teacher_temp": float(self.teacher_temp[step]),
-                    "time_data": t_data,
-                    "time_forward_backward": t_fb - t0 - t_data,
-                    "time_optim": t_end - t_fb,
-                    "time_step": t_end - t0,
-                }
+                row = self.step(data, step)
                 self.history.append(row)
                 if metrics is not None:
                     metrics.write(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", cls_std=f"{row.get('cls_std', 0):.3f}")
-                if self.is_main and (step % s.log_every == 0 or step == s.iterations - 1):
-                    log.info("step %d/%d loss %.4f %s", step, s.iterations, row["loss"],
-                             " ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("loss_")))
+                self._log(step, row)
                 if on_step is not None:
                     on_step(step, row)
                 done = step + 1
@@ -388,15 +406,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GeodinoError(f"device={name} was requested but no CUDA device is visible; use device=cpu")
-    return dev
 
 
 def collate_for(stage_cfg, n_tokens: int | None, world_size: int = 1, rank: int = 0,

@@ -14,25 +14,26 @@ A student (backbone + separate DINO and iBOT heads) and an EMA teacher of the sa
 4. backward of the weighted sum.
 
 `update_ema(m)` moves every teacher parameter towards the student's (buffers are not averaged).
-The collapse monitor (`monitor`) reports the class-token std across the batch and the effective rank
-of the patch features.
+Each step also reports the teacher's collapse statistics (geodino.train.monitors.collapse_monitor).
+
+The loss assembly (`SSLLosses.compute_losses`) is shared with multi-student distillation
+(geodino.train.distill), as the reference's distillation meta-architecture reuses its `compute_losses`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from geodino.losses import DINOLoss, iBOTPatchLoss, koleo_loss, koleo_loss_distributed
 from geodino.models.heads import DINOHead
 from geodino.train.distributed import ema_update_, reshard
+from geodino.train.monitors import collapse_monitor
 
 
 def _head(embed_dim: int, cfg) -> DINOHead:
@@ -43,24 +44,6 @@ def _head(embed_dim: int, cfg) -> DINOHead:
         bottleneck_dim=int(cfg.head_bottleneck_dim),
         nlayers=int(cfg.head_nlayers),
     )
-
-
-@torch.no_grad()
-def collapse_monitor(cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
-    """Collapse monitor: class-token std across the batch (of L2-normalised tokens; a collapsed
-    model gives 0, a uniform spread on the sphere ~1/sqrt(D)) and the effective rank
-    (exp of the singular-value entropy) of centred patch features."""
-    c = F.normalize(cls.float(), dim=-1)
-    cls_std = float(c.std(dim=0).mean()) if c.shape[0] > 1 else 0.0
-    p = patches.float().reshape(-1, patches.shape[-1])
-    if p.shape[0] > 2048:
-        p = p[torch.linspace(0, p.shape[0] - 1, 2048, device=p.device).long()]
-    p = p - p.mean(dim=0, keepdim=True)
-    # singular values of p = sqrt(eigenvalues of pᵀp): a D x D problem, ~2x cheaper than the SVD of p
-    s = torch.linalg.eigvalsh((p.t() @ p).double()).clamp_min(0).sqrt().float()
-    prob = s / s.sum().clamp_min(1e-12)
-    erank = float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum()))
-    return {"cls_std": cls_std, "cls_std_x_sqrt_dim": cls_std * math.sqrt(c.shape[-1]), "patch_erank": erank}
 
 
 @torch.no_grad()
@@ -87,12 +70,96 @@ def teacher_forward(teacher: nn.ModuleDict, dino_loss, ibot_patch_loss, global_c
     return {"cls": cls, "patches": patches, "dino_probs": dino_probs, "ibot_probs": ibot_probs}
 
 
-class SSLMetaArch(nn.Module):
+class SSLLosses:
+    """The loss assembly of every DINO-style meta-architecture (the reference's ``compute_losses``, which its
+    multi-distillation meta-architecture reuses): DINO local and global on the class tokens against the
+    teacher's targets of the two global crops, KoLeo on the global class tokens, iBOT on the patch tokens at
+    the masked positions. Pretraining, Gram anchoring, high-resolution adaptation and distillation all call
+    `compute_losses`; `init_losses` creates the loss modules (their centre buffers are in the checkpoints).
+
+    Weights (dinov3_spec.md §3.5): with n_g = 2 global and n_l local crops, DINO local is
+    ``dino.loss_weight · n_g·n_l / (n_g·n_l + n_g(n_g−1)) · dino.local_loss_weight``, DINO global
+    ``dino.loss_weight · n_g(n_g−1) / (…)``, KoLeo ``dino.koleo_loss_weight`` times the sum over the two global
+    crops, iBOT ``ibot.loss_weight``.
+    """
+
+    def init_losses(self, stage_cfg, k_dino: int, k_ibot: int, process_group=None) -> None:
+        self.cfg = stage_cfg
+        self.dino_loss = DINOLoss(int(k_dino), process_group=process_group)
+        self.ibot_patch_loss = iBOTPatchLoss(int(k_ibot), process_group=process_group)
+        self.n_local = int(stage_cfg.crops.local_crops_number)
+        n_g = 2
+        self.global_terms = n_g * (n_g - 1)
+        self.local_terms = n_g * self.n_local
+        self.process_group = process_group
+        # Data parallel (geodino.train.distributed): under DDP `student_calls` maps a student module name to its
+        # DDP wrapper (a plain dict, so the wrappers are not registered and state-dict keys do not change).
+        self.student_calls: dict[str, nn.Module] = {}
+
+    def _world_size(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    def compute_losses(self, dino_head, ibot_head, global_cls: torch.Tensor, local_cls: torch.Tensor | None,
+                       masked_patches: torch.Tensor, batch: dict, teacher: dict
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
+        """(losses, weights, DINO logits of the global crops) of one student.
+
+        `global_cls` [2B, D] (crop-major), `local_cls` [n_l·B, D] or None, `masked_patches` [n_masked, D]: the
+        student's patch tokens at ``batch["mask_indices_list"]``; `teacher` holds ``dino_probs`` / ``ibot_probs``."""
+        n_global_imgs = global_cls.shape[0]
+        batch_size = n_global_imgs // 2
+        # One DINO-head call on global + local class tokens, like the reference (cheaper than two).
+        cls_all = global_cls if local_cls is None else torch.cat([global_cls, local_cls])
+        dino_logits = dino_head(cls_all)
+        ibot_logits = ibot_head(masked_patches)
+        teacher_probs = teacher["dino_probs"].view(2, batch_size, -1)
+        losses: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        dino_w = float(self.cfg.dino.loss_weight)
+        total_terms = self.global_terms + self.local_terms
+        if local_cls is not None:
+            s_local_logits = dino_logits[n_global_imgs:].view(self.n_local, batch_size, -1)
+            losses["dino_local"] = self.dino_loss(s_local_logits, teacher_probs, ignore_diagonal=False)
+            # reference `w_local`: 1 in pretraining, 0.5 in Gram anchoring and high-res adaptation
+            w_local = float(self.cfg.dino.get("local_loss_weight", 1.0))
+            weights["dino_local"] = dino_w * self.local_terms / total_terms * w_local
+        s_global_logits = dino_logits[:n_global_imgs].view(2, batch_size, -1)
+        losses["dino_global"] = self.dino_loss(
+            s_global_logits, teacher_probs, ignore_diagonal=bool(self.cfg.dino.get("global_ignore_diagonal", True))
+        )
+        weights["dino_global"] = dino_w * self.global_terms / total_terms
+        koleo_w = float(self.cfg.dino.get("koleo_loss_weight", 0.0))
+        world_size = self._world_size()
+        if koleo_w > 0:
+            if world_size > 1:  # neighbours searched in the global batch (dino.koleo_distributed_loss_group_size)
+                group_size = self.cfg.dino.get("koleo_distributed_loss_group_size", None)
+                losses["koleo"] = sum(
+                    koleo_loss_distributed(c, group_size=None if group_size is None else int(group_size),
+                                           process_group=self.process_group)
+                    for c in global_cls.chunk(2)
+                ) / 2
+            else:
+                losses["koleo"] = sum(koleo_loss(c) for c in global_cls.chunk(2)) / 2
+            weights["koleo"] = koleo_w * 2
+        ibot_w = float(self.cfg.ibot.loss_weight)
+        mask_indices = batch["mask_indices_list"]
+        # Data parallel: a rank whose slice has no masked patch still scores its (empty) iBOT term, 0, so
+        # the rank mean is the global mean and the iBOT head takes part in every backward (DDP).
+        if ibot_w > 0 and (mask_indices.numel() > 0 or world_size > 1):
+            losses["ibot"] = self.ibot_patch_loss(
+                ibot_logits, teacher["ibot_probs"], batch["collated_masks"],
+                n_masked_patches=int(batch["n_masked_patches"].sum()), masks_weight=batch["masks_weight"])
+            weights["ibot"] = ibot_w
+        return losses, weights, dino_logits[:n_global_imgs]
+
+
+class SSLMetaArch(SSLLosses, nn.Module):
     """Student + EMA teacher with DINO / iBOT heads and the DINOv3 losses."""
 
     def __init__(self, backbone: nn.Module, stage_cfg, process_group=None):
         super().__init__()
-        self.cfg = stage_cfg
         embed_dim = int(backbone.embed_dim)
         self.embed_dim = embed_dim
         self.student = nn.ModuleDict(
@@ -103,26 +170,11 @@ class SSLMetaArch(nn.Module):
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.dino_loss = DINOLoss(int(stage_cfg.dino.head_n_prototypes), process_group=process_group)
-        self.ibot_patch_loss = iBOTPatchLoss(int(stage_cfg.ibot.head_n_prototypes), process_group=process_group)
+        self.init_losses(stage_cfg, stage_cfg.dino.head_n_prototypes, stage_cfg.ibot.head_n_prototypes, process_group)
         self.centering = str(stage_cfg.get("centering", "sinkhorn_knopp"))
         if self.centering not in ("sinkhorn_knopp", "softmax"):
             raise ValueError(f"stage.centering must be sinkhorn_knopp or softmax, got '{self.centering}'")
-        self.n_local = int(stage_cfg.crops.local_crops_number)
-        n_g = 2
-        self.global_terms = n_g * (n_g - 1)
-        self.local_terms = n_g * self.n_local
         self.teacher_forward_count = 0  # asserted by tests: one teacher pass per step
-        # Data parallel (geodino.train.distributed): the losses reduce over `process_group` (WORLD by
-        # default), and under DDP `student_calls` maps a student module name to its DDP wrapper (a plain
-        # dict, so the wrappers are not registered and state-dict keys do not change).
-        self.process_group = process_group
-        self.student_calls: dict[str, nn.Module] = {}
-
-    def _world_size(self) -> int:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(self.process_group)
-        return 1
 
     # The teacher never trains: no dropout, no RoPE augmentation, no local_cls_norm (spec §1.4).
     def train(self, mode: bool = True):
@@ -141,72 +193,26 @@ class SSLMetaArch(nn.Module):
                          loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
         """One step's forward and backward; returns (total loss, per-term values)."""
         global_crops = batch["collated_global_crops"]
-        local_crops = batch["collated_local_crops"]
-        masks = batch["collated_masks"]
         mask_indices = batch["mask_indices_list"]
-        n_masked = batch["n_masked_patches"]
-        masks_weight = batch["masks_weight"]
-        n_global_imgs = global_crops.shape[0]
-        batch_size = n_global_imgs // 2
 
         t0 = time.perf_counter()
-        teacher = self.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp)
+        teacher = self.teacher_targets(global_crops, mask_indices, batch["n_masked_patches"], teacher_temp)
         t1 = time.perf_counter()
 
-        inputs, input_masks = [global_crops], [masks]
+        inputs, input_masks = [global_crops], [batch["collated_masks"]]
         if self.n_local > 0:
-            inputs.append(local_crops)
+            inputs.append(batch["collated_local_crops"])
             input_masks.append(None)
         calls = self.student_calls
         outs = calls.get("backbone", self.student.backbone.forward_features)(inputs, input_masks)
         s_global = outs[0]
-        s_global_cls = s_global["x_norm_clstoken"]
         s_patches = s_global["x_norm_patchtokens"]
         n_img, n_tok, dim = s_patches.shape
         s_masked = s_patches.reshape(n_img * n_tok, dim).index_select(0, mask_indices)
-
-        # One DINO-head call on global + local class tokens, like the reference (cheaper than two).
-        cls_all = s_global_cls if self.n_local == 0 else torch.cat([s_global_cls, outs[1]["x_norm_clstoken"]])
-        dino_logits = calls.get("dino_head", self.student.dino_head)(cls_all)
-        ibot_logits = calls.get("ibot_head", self.student.ibot_head)(s_masked)
-
-        teacher_probs = teacher["dino_probs"].view(2, batch_size, -1)
-        s_global_logits = dino_logits[:n_global_imgs].view(2, batch_size, -1)
-        losses: dict[str, torch.Tensor] = {}
-        weights: dict[str, float] = {}
-        dino_w = float(self.cfg.dino.loss_weight)
-        total_terms = self.global_terms + self.local_terms
-        if self.n_local > 0:
-            s_local_logits = dino_logits[n_global_imgs:].view(self.n_local, batch_size, -1)
-            losses["dino_local"] = self.dino_loss(s_local_logits, teacher_probs, ignore_diagonal=False)
-            # reference `w_local`: 1 in pretraining, 0.5 in Gram anchoring and high-res adaptation
-            w_local = float(self.cfg.dino.get("local_loss_weight", 1.0))
-            weights["dino_local"] = dino_w * self.local_terms / total_terms * w_local
-        losses["dino_global"] = self.dino_loss(
-            s_global_logits, teacher_probs, ignore_diagonal=bool(self.cfg.dino.get("global_ignore_diagonal", True))
-        )
-        weights["dino_global"] = dino_w * self.global_terms / total_terms
-        koleo_w = float(self.cfg.dino.get("koleo_loss_weight", 0.0))
-        world_size = self._world_size()
-        if koleo_w > 0:
-            if world_size > 1:  # neighbours searched in the global batch (dino.koleo_distributed_loss_group_size)
-                group_size = self.cfg.dino.get("koleo_distributed_loss_group_size", None)
-                losses["koleo"] = sum(
-                    koleo_loss_distributed(c, group_size=None if group_size is None else int(group_size),
-                                           process_group=self.process_group)
-                    for c in s_global_cls.chunk(2)
-                ) / 2
-            else:
-                losses["koleo"] = sum(koleo_loss(c) for c in s_global_cls.chunk(2)) / 2
-            weights["koleo"] = koleo_w * 2
-        ibot_w = float(self.cfg.ibot.loss_weight)
-        # Data parallel: a rank whose slice has no masked patch still scores its (empty) iBOT term, 0, so
-        # the rank mean is the global mean and the iBOT head takes part in every backward (DDP).
-        if ibot_w > 0 and (mask_indices.numel() > 0 or world_size > 1):
-            losses["ibot"] = self.ibot_patch_loss(
-                ibot_logits, teacher["ibot_probs"], masks, n_masked_patches=int(n_masked.sum()), masks_weight=masks_weight
-            )
-            weights["ibot"] = ibot_w
+        losses, weights, _ = self.compute_losses(
+            calls.get("dino_head", self.student.dino_head), calls.get("ibot_head", self.student.ibot_head),
+            s_global["x_norm_clstoken"], outs[1]["x_norm_clstoken"] if self.n_local > 0 else None, s_masked,
+            batch, teacher)
         if extra_losses is not None:
             for name, (value, weight) in extra_losses(batch=batch, student=s_global, teacher=teacher).items():
                 losses[name], weights[name] = value, weight
@@ -218,12 +224,8 @@ class SSLMetaArch(nn.Module):
         stats = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
         stats["loss"] = float(total.detach())
         stats.update(time_teacher=t1 - t0, time_student_forward=t2 - t1, time_backward=t3 - t2)
-        stats.update(self.monitor(teacher["cls"], teacher["patches"]))
+        stats.update(collapse_monitor(teacher["cls"], teacher["patches"]))
         return total.detach(), stats
-
-    @torch.no_grad()
-    def monitor(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
-        return collapse_monitor(cls, patches)
 
     @torch.no_grad()
     def update_ema(self, momentum: float) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from geodino.data import curation as cur
+from geodino.data import lists
 
 BLOB_SIZES = [10, 20, 40, 80, 160, 320, 640, 1280]
 
@@ -207,7 +208,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 def test_embed_source_streams_normalised_cls_embeddings_to_a_memmap(tmp_path):
-    from geodino.models.registry import load_backbone
+    from geodino.models import load_backbone
 
     torch.manual_seed(0)
     model = load_backbone("geodino_vit_tiny")
@@ -231,13 +232,13 @@ def test_embed_source_streams_normalised_cls_embeddings_to_a_memmap(tmp_path):
 
 
 def test_chip_list_round_trip_and_errors(tmp_path):
-    p = cur.write_chip_list(tmp_path / "c.txt", [5, 1, 9], {"seed": 3, "chip_size": 64, "bands": ["B02", "B03"]})
-    chips, meta = cur.read_chip_list(p)
+    p = lists.write_chip_list(tmp_path / "c.txt", [5, 1, 9], {"seed": 3, "chip_size": 64, "bands": ["B02", "B03"]})
+    chips, meta = lists.read_chip_list(p)
     assert chips.tolist() == [5, 1, 9]
     assert meta["seed"] == 3 and meta["chip_size"] == 64 and meta["bands"] == ["B02", "B03"]
     (tmp_path / "bad.txt").write_text("# seed: 1\n4\nnope\n")
     with pytest.raises(Exception, match="bad.txt:3: 'nope' is not a chip index"):
-        cur.read_chip_list(tmp_path / "bad.txt")
+        lists.read_chip_list(tmp_path / "bad.txt")
 
 
 def test_cli_stats_on_the_packaged_sample_writes_stats(tmp_path, capsys):
@@ -282,12 +283,12 @@ def test_cli_balance_and_retrieve_write_lists_that_data_configs_accept(tmp_path)
     assert np.load(emb / "embeddings.npy").shape == (24, 96)
     assert cli.main(["curate", "action=balance", f"embeddings={emb}", f"out={tmp_path / 'bal'}", "n_samples=6",
                      "levels=[4]", "resampling_steps=1", "resampling_size=2", *common]) == 0
-    chips, meta = cur.read_chip_list(tmp_path / "bal" / "balanced.txt")
+    chips, meta = lists.read_chip_list(tmp_path / "bal" / "balanced.txt")
     assert len(chips) == 6 and set(chips) <= set(range(24)) and meta["chip_size"] == 32
     np.save(tmp_path / "q.npy", np.load(emb / "embeddings.npy")[[0, 5]])
     assert cli.main(["curate", "action=retrieve", f"embeddings={emb}", f"queries={tmp_path / 'q.npy'}", "k=3",
                      f"out={tmp_path / 'ret'}", *common]) == 0
-    got, _ = cur.read_chip_list(tmp_path / "ret" / "retrieved.txt")
+    got, _ = lists.read_chip_list(tmp_path / "ret" / "retrieved.txt")
     # (a random-init backbone embeds every chip alike, so only the shape of the answer is checked here;
     # test_retrieve_returns_the_true_nearest_neighbours checks the neighbours themselves)
     assert 3 <= len(got) <= 6 and set(got.tolist()) <= set(range(24))

@@ -127,6 +127,6 @@ def test_mix_sources_from_build_source_results():
                       homogeneous_source="photos")
     x = mix[3]
     assert x.shape[0] == 3 and x.dtype == torch.float32
-    b.mean = [0.5, 0.5, 0.5]
+    b = b.with_stats([0.5, 0.5, 0.5], b.std)
     with pytest.raises(DataError, match="one normalisation"):
         mix_sources({"photos": a, "more": b}, [0.5, 0.5], batch_size=2)

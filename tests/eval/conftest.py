@@ -32,7 +32,7 @@ def official_tiny_weights(tmp_path_factory) -> Path:
     """An official-format (flat state dict) .pth of the tiny ViT, as `torch.save(model.state_dict())` writes."""
     import torch
 
-    from geodino.models.registry import load_backbone
+    from geodino.models import load_backbone
 
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("weights") / "geodino_vit_tiny_official.pth"

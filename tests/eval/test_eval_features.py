@@ -8,7 +8,7 @@ import torch
 
 from geodino.eval.dense import DenseSpec, extract_windows
 from geodino.eval.features import Extractor, FeatureCache, backbone_fingerprint, normalize
-from geodino.models.registry import load_backbone
+from geodino.models import load_backbone
 
 
 class _Tiles:
@@ -31,7 +31,7 @@ class _Tiles:
 
 def _spec(model):
     c = model.geodino_contract
-    return DenseSpec(kind="seg", window=32, stride=32, mean=c["mean"], std=c["std"])
+    return DenseSpec(kind="seg", window=32, stride=32, mean=c.mean, std=c.std)
 
 
 def test_fingerprint_depends_on_weights_not_only_on_the_contract():
@@ -78,8 +78,8 @@ def test_extractor_features_match_a_manual_forward_with_the_contract_normalisati
     model = load_backbone("geodino_vit_tiny")
     c = model.geodino_contract
     img = torch.rand(1, 3, 32, 32)
-    x = normalize(img, c["mean"], c["std"])
-    manual = (img - torch.tensor(c["mean"]).view(1, 3, 1, 1)) / torch.tensor(c["std"]).view(1, 3, 1, 1)
+    x = normalize(img, c.mean, c.std)
+    manual = (img - torch.tensor(c.mean).view(1, 3, 1, 1)) / torch.tensor(c.std).view(1, 3, 1, 1)
     torch.testing.assert_close(x, manual)
     cls, grid = Extractor(model, torch.device("cpu"))(x)
     with torch.no_grad():
@@ -87,4 +87,4 @@ def test_extractor_features_match_a_manual_forward_with_the_contract_normalisati
     torch.testing.assert_close(cls, out["x_norm_clstoken"])
     torch.testing.assert_close(grid, out["x_norm_patchtokens"].transpose(1, 2).reshape(1, -1, 2, 2))
     with pytest.raises(ValueError, match="expects 3 bands but the input has 4"):
-        normalize(torch.rand(4, 8, 8), c["mean"], c["std"])
+        normalize(torch.rand(4, 8, 8), c.mean, c.std)

@@ -201,7 +201,7 @@ class _Tiles:
 
 @pytest.mark.parametrize("kind", ["seg", "reg"])
 def test_sliding_window_stitching_with_an_oracle_head_is_exact(kind):
-    from geodino.models.registry import load_backbone
+    from geodino.models import load_backbone
 
     tiles = _Tiles(kind)
     ex = Extractor(load_backbone("geodino_vit_tiny"), torch.device("cpu"))

@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from geodino.errors import CheckpointError
-from geodino.models import registry
-from geodino.models.registry import (
-    ARCHS,
-    RELEASED_PARAMS_M,
-    adapt_patch_embed,
-    build_backbone,
-    export_backbone,
-    load_backbone,
-    read_state_dict,
-)
+from geodino.models import adapt_patch_embed, build_backbone, export_backbone, load_backbone, read_state_dict, registry
+from geodino.models.registry import ARCHS, RELEASED_PARAMS_M
 
 from geodino.testing import assert_close_rel, fp32_state_dict
 
@@ -104,7 +96,7 @@ def test_export_official_round_trip_is_exact(official_vit_file, tmp_path):
     back = load_backbone(st)
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
-    assert back.geodino_contract["kwargs"]["depth"] == 2
+    assert back.geodino_contract.kwargs["depth"] == 2
 
 
 def test_band_adaptation_rule():
@@ -133,9 +125,9 @@ def test_rgb_weights_into_multiband_model(official_vit_file, in_chans, bands):
     bands = bands or list(SENTINEL2_BANDS)
     model = load_backbone("dinov3_vits16", weights=path, depth=2, in_chans=in_chans, bands=bands)
     c = model.geodino_contract
-    assert c["in_chans"] == in_chans and c["bands"] == bands
-    assert c["band_adaptation"]["rule"] == "rgb_kept_extra_from_rgb_mean_rescaled"
-    rgb = c["band_adaptation"]["rgb_indices"]
+    assert c.in_chans == in_chans and c.bands == bands
+    assert c.band_adaptation["rule"] == "rgb_kept_extra_from_rgb_mean_rescaled"
+    rgb = c.band_adaptation["rgb_indices"]
     assert rgb == ([0, 1, 2] if in_chans == 4 else [3, 2, 1])
     w = model.state_dict()["patch_embed.proj.weight"]
     ref_w = torch.load(path, weights_only=True)["patch_embed.proj.weight"]
@@ -143,15 +135,21 @@ def test_rgb_weights_into_multiband_model(official_vit_file, in_chans, bands):
     with torch.no_grad():
         out = model.forward_features(torch.randn(1, in_chans, 32, 48))
     assert out["x_norm_patchtokens"].shape == (1, 6, 384)
-    assert len(c["mean"]) == in_chans
+    assert len(c.mean) == in_chans
 
 
-def test_every_arch_has_contract_fields():
+def test_every_arch_has_a_contract_that_round_trips():
+    from geodino.contract import Contract
+
     for name in ARCHS:
         c = build_backbone(name, device="meta").geodino_contract
-        for key in ("kwargs", "bands", "mean", "std", "input_scale", "patch_size", "family"):
-            assert key in c, (name, key)
+        d = c.to_dict()
+        for key in ("kwargs", "bands", "mean", "std", "input_scale", "patch_size", "family", "in_chans"):
+            assert key in d, (name, key)
+        assert Contract.from_dict(d) == c
+        assert len(c.mean) == len(c.std) == len(c.bands) == c.in_chans
     assert registry.ARCHS["dinov3_vitl16_sat493m"]["mean"] == (0.430, 0.411, 0.296)
+    assert build_backbone("dinov3_vitl16_sat493m", device="meta").geodino_contract.mean == [0.430, 0.411, 0.296]
 
 
 def test_export_cli(tmp_path, official_vit_file, capsys):
@@ -175,17 +173,17 @@ def test_public_api_reexports():
     assert geodino.load_backbone is load_backbone
     assert geodino.build_backbone is build_backbone
     m = geodino.build_backbone("geodino_vit_tiny", in_chans=4)
-    assert m.geodino_contract["in_chans"] == 4
+    assert m.geodino_contract.in_chans == 4
 
 
 def test_set_stochastic_depth_on_vit_and_convnext():
-    from geodino.models.registry import set_stochastic_depth
+    from geodino.models import set_stochastic_depth
 
     vit = build_backbone("geodino_vit_tiny")
     assert all(b.sample_drop_ratio == 0.0 for b in vit.blocks)
     set_stochastic_depth(vit, 0.3)
     assert [b.sample_drop_ratio for b in vit.blocks] == [0.3] * len(vit.blocks)  # same rate per block (reference)
-    assert vit.geodino_contract["kwargs"].get("drop_path_rate", 0.0) == 0.0  # a training setting, not architecture
+    assert vit.geodino_contract.kwargs.get("drop_path_rate", 0.0) == 0.0  # a training setting, not architecture
     conv = build_backbone("geodino_convnext_tiny")
     set_stochastic_depth(conv, 0.2)
     rates = [b.drop_path for stage in conv.stages for b in stage]
@@ -202,7 +200,7 @@ def test_set_stochastic_depth_on_vit_and_convnext():
 
 def test_sample_drop_runs_each_branch_on_the_reference_subset():
     """With rate p, each residual branch sees max(int(B(1-p)), 1) samples (reference sample drop)."""
-    from geodino.models.registry import set_stochastic_depth
+    from geodino.models import set_stochastic_depth
 
     vit = set_stochastic_depth(build_backbone("geodino_vit_tiny"), 0.3).train()
     seen = []

@@ -7,16 +7,14 @@ import torch
 
 
 def make_micro(path, bands=("R", "G", "B", "NIR"), patch_size=16, seed=0, scale=None):
-    from geodino.models.registry import build_backbone, make_contract
+    from geodino.models import build_backbone
     from geodino.text.dinotxt import DinoTxt, DinoTxtConfig
-    from geodino.text.train import save_dinotxt
+    from geodino.text.io import save_dinotxt
 
     torch.manual_seed(seed)
     bb = build_backbone("geodino_vit_tiny", in_chans=len(bands), embed_dim=32, num_heads=1, depth=1,
                         patch_size=patch_size)
-    c = bb.geodino_contract
-    bb.geodino_contract = make_contract(c["name"], c["family"], c["kwargs"], bands=list(bands),
-                                        mean=[0.4] * len(bands), std=[0.2] * len(bands))
+    bb.geodino_contract = bb.geodino_contract.with_data(bands=list(bands), mean=[0.4] * len(bands), std=[0.2] * len(bands))
     model = DinoTxt(bb, DinoTxtConfig(embed_dim=32, head_blocks=1, text_width=32, text_layers=1, text_heads=1))
     return save_dinotxt(model, path, data={"scale": scale})
 

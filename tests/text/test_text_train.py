@@ -108,8 +108,8 @@ def test_caption_source_reads_any_band_count_and_photos(tmp_path):
 # -- model pieces ---------------------------------------------------------------------------------------------------
 def test_loss_matches_spec_formula_and_groups():
     from geodino.text.dinotxt import contrastive_loss
-    from geodino.text.train import text_param_groups
-    from geodino.models.registry import build_backbone
+    from geodino.text.stage import text_param_groups
+    from geodino.models import build_backbone
     from geodino.text.dinotxt import DinoTxt, DinoTxtConfig
 
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def test_loss_matches_spec_formula_and_groups():
 
 # -- the stage end to end -------------------------------------------------------------------------------------------
 def test_stage_text_trains_checkpoints_and_resumes_exactly(tmp_path, chips, monkeypatch):
-    from geodino.text.train import load_dinotxt
+    from geodino.text.io import load_dinotxt
     from geodino.train.run import run_train
 
     common = ["train.iterations=4", "train.checkpoint_every=2", "train.keep_last=5"]
@@ -185,7 +185,7 @@ def test_stage_text_trains_checkpoints_and_resumes_exactly(tmp_path, chips, monk
                            last["model.visual_model.head.blocks.0.attn.qkv.weight"])
 
     model, meta = load_dinotxt(full_dir)
-    assert meta["contract"]["bands"] == ["R", "G", "B", "NIR"] and meta["step"] == 4
+    assert meta["contract"].bands == ["R", "G", "B", "NIR"] and meta["step"] == 4
     with torch.no_grad():
         t = model.encode_text(model.tokenize(["water"]), normalize=True)
     assert t.shape == (1, 64) and torch.isfinite(t).all()
@@ -207,17 +207,16 @@ def test_stage_text_errors_are_one_line(tmp_path, chips, capsys):
 
 def test_init_from_a_geodino_backbone_keeps_its_contract(tmp_path, chips):
     """init=<exported geodino backbone>: the frozen backbone's normalisation governs the caption images."""
-    from geodino.models.registry import build_backbone, export_backbone, make_contract
-    from geodino.text.train import load_dinotxt
+    from geodino.models import build_backbone, export_backbone
+    from geodino.text.io import load_dinotxt
     from geodino.train.run import run_train
 
     bb = build_backbone("geodino_vit_tiny", in_chans=4)
-    bb.geodino_contract = make_contract("geodino_vit_tiny", "vit", bb.geodino_contract["kwargs"],
-                                        bands=["R", "G", "B", "NIR"], mean=[0.3] * 4, std=[0.25] * 4)
+    bb.geodino_contract = bb.geodino_contract.with_data(bands=["R", "G", "B", "NIR"], mean=[0.3] * 4, std=[0.25] * 4)
     path = export_backbone(bb, tmp_path / "bb.safetensors", fmt="safetensors")
     run_train(_cfg(tmp_path / "run", chips, f"init={path}", "train.iterations=1", "train.checkpoint_every=1"))
     model, meta = load_dinotxt(tmp_path / "run")
-    assert meta["contract"]["mean"] == [0.3] * 4 and meta["data"]["mean"] == [0.3] * 4
+    assert meta["contract"].mean == [0.3] * 4 and meta["data"]["mean"] == [0.3] * 4
     for k, v in bb.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
 

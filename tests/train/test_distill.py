@@ -13,9 +13,11 @@ import torch
 
 from geodino import cli
 from geodino.errors import GeodinoError
-from geodino.models.registry import build_backbone, load_backbone
-from geodino.train import distill
-from geodino.train.distill import DistillMetaArch, check_data_bands, resolve_band_mapping, resolve_students
+from geodino.models import build_backbone, load_backbone
+from geodino.train import monitors
+from geodino.train.distill import DistillMetaArch
+from geodino.train.monitors import resize_patch_tokens
+from geodino.train.stages.distill import check_data_bands, resolve_band_mapping, resolve_students
 from geodino.train.loop import collate_for, param_groups
 
 from test_pretrain import TINY
@@ -143,7 +145,7 @@ def test_one_teacher_pass_serves_every_student_and_only_students_get_gradients()
         assert 0 <= stats[f"proto_agreement/{name}"] <= 1 and f"cls_std/{name}" in stats
 
     modules = meta.student_modules()
-    assert sorted(modules) == ["backbone/vit", "convnext/cnx", "dino_head/cnx", "dino_head/vit", "ibot_head/cnx",
+    assert sorted(modules) == ["backbone/cnx", "backbone/vit", "dino_head/cnx", "dino_head/vit", "ibot_head/cnx",
                                "ibot_head/vit"]
     for key, module in modules.items():
         grads = [p.grad for p in module.parameters() if p.requires_grad]
@@ -152,12 +154,14 @@ def test_one_teacher_pass_serves_every_student_and_only_students_get_gradients()
     assert all(p.grad is None for p in meta.teacher.parameters())
     assert all(p.grad is None and not p.requires_grad for p in meta.students_ema.parameters())
 
-    # param groups: layer-wise decay for the ViT student, 1.0 for ConvNeXt (reference), 1.0 for heads
+    # param groups: layer-wise decay for the ViT student, 1.0 for ConvNeXt (reference, from the backbone protocol),
+    # 1.0 for heads
     groups = param_groups(modules, layerwise_decay=0.5, patch_embed_lr_mult=0.2)
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["backbone/vit.blocks.0.attn.qkv.weight"]["lr_mult"] == pytest.approx(0.25)
-    assert all(g["lr_mult"] == 1.0 for n, g in by_name.items() if n.startswith(("convnext/", "dino_head/", "ibot_head/")))
-    assert by_name["convnext/cnx.stages.0.0.gamma"]["wd_mult"] == 0.0
+    assert all(g["lr_mult"] == 1.0 for n, g in by_name.items()
+               if n.startswith(("backbone/cnx.", "dino_head/", "ibot_head/")))
+    assert by_name["backbone/cnx.stages.0.0.gamma"]["wd_mult"] == 0.0
 
     # each student has its own EMA copy
     before = [p.clone() for p in meta.students_ema.parameters()]
@@ -171,18 +175,18 @@ def test_one_teacher_pass_serves_every_student_and_only_students_get_gradients()
 
 def test_convnext_tokens_are_resized_to_the_teacher_grid():
     x = torch.arange(8.0).view(2, 1, 4).expand(2, 1, 4).contiguous()  # 2 images, a 1x1 grid, D=4
-    y = distill._resize_tokens(x, (2, 2))
+    y = resize_patch_tokens(x, (2, 2))
     assert y.shape == (2, 4, 4) and torch.allclose(y, x.expand(2, 4, 4))
     z = torch.randn(3, 16, 5)
-    assert distill._resize_tokens(z, (4, 4)) is z and distill._resize_tokens(z, (2, 2)).shape == (3, 4, 5)
+    assert resize_patch_tokens(z, (4, 4)) is z and resize_patch_tokens(z, (2, 2)).shape == (3, 4, 5)
 
 
 def test_agreement_metric():
     a = torch.randn(40, 8)
     q, _ = torch.linalg.qr(torch.randn(8, 8))
-    assert distill.linear_cka(a, 3 * a @ q) == pytest.approx(1.0, abs=1e-9)  # rotation and scale invariant
-    assert distill.linear_cka(a, torch.randn(40, 6)) < 0.6
-    assert distill.knn_overlap(a, a @ q) == pytest.approx(1.0)
+    assert monitors.linear_cka(a, 3 * a @ q) == pytest.approx(1.0, abs=1e-9)  # rotation and scale invariant
+    assert monitors.linear_cka(a, torch.randn(40, 6)) < 0.6
+    assert monitors.knn_overlap(a, a @ q) == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def test_distill_from_the_cli_writes_students_that_load_back(teacher_run, tmp_pa
             for term in ("dino_local", "dino_global", "koleo", "ibot"):
                 assert math.isfinite(r[f"loss_{term}/{name}"])
             assert f"grad_norm_dino_head/{name}" in r
-        assert "grad_norm_backbone/vit_tiny" in r and "grad_norm_convnext/geodino_convnext_tiny" in r
+        assert "grad_norm_backbone/vit_tiny" in r and "grad_norm_backbone/geodino_convnext_tiny" in r
 
     ckpt = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=False)
     assert ckpt["stage"] == "distill" and ckpt["teacher"] == str(teacher_run)
@@ -224,10 +228,10 @@ def test_distill_from_the_cli_writes_students_that_load_back(teacher_run, tmp_pa
     teacher_contract = torch.load(teacher_run / "checkpoints" / "step_00000002.pt", weights_only=False)["contract"]
     vit = load_backbone(run / "students" / "vit_tiny.pt")
     cnx = load_backbone(run / "students" / "geodino_convnext_tiny.pt")
-    assert vit.geodino_contract["name"] == "geodino_vit_tiny" and vit.geodino_contract["bands"] == S2
-    assert vit.geodino_contract["mean"] == teacher_contract["mean"]
-    assert cnx.geodino_contract["family"] == "convnext" and cnx.geodino_contract["bands"] == ["B04", "B03", "B02"]
-    assert cnx.geodino_contract["mean"] == [teacher_contract["mean"][i] for i in (3, 2, 1)]
+    assert vit.geodino_contract.name == "geodino_vit_tiny" and vit.geodino_contract.bands == S2
+    assert vit.geodino_contract.mean == teacher_contract["mean"]
+    assert cnx.geodino_contract.family == "convnext" and cnx.geodino_contract.bands == ["B04", "B03", "B02"]
+    assert cnx.geodino_contract.mean == [teacher_contract["mean"][i] for i in (3, 2, 1)]
     assert vit.forward_features(torch.zeros(1, 13, 32, 32))["x_norm_patchtokens"].shape == (1, 4, 96)
     assert cnx.forward_features(torch.zeros(1, 3, 64, 64))["x_norm_clstoken"].shape == (1, 96)
     # the file holds the EMA copy of the last checkpoint (reference `model_ema`)
@@ -247,7 +251,7 @@ def test_distill_from_the_cli_writes_students_that_load_back(teacher_run, tmp_pa
 
 @pytest.mark.slow
 def test_distillation_brings_students_closer_to_the_teacher(teacher_run, tmp_path):
-    """The "done when" metric (distill.teacher_agreement) on 32 held-out chips of the packaged sample, before
+    """The "done when" metric (monitors.teacher_agreement) on 32 held-out chips of the packaged sample, before
     and after 24 distillation steps: in the space student and teacher share (the teacher's K prototypes),
     the students' DINO and iBOT prototype choices agree with the teacher's Sinkhorn-Knopp targets far more
     often than at initialisation, and their cross-entropy to those targets is lower."""

@@ -237,7 +237,7 @@ def test_fsdp2_two_processes_match_one_process_and_resume(single, tmp_path):
     print("FSDP2 resumed from the one-process checkpoint:", {k: f"{v:.1e}" for k, v in worst.items()})
 
     # the released-backbone path reads an FSDP2-written checkpoint like any other
-    from geodino.models.registry import load_backbone
+    from geodino.models import load_backbone
 
     bb = load_backbone(fresh)
     ref = _ckpt(single, 3)["models"]["meta_arch"]

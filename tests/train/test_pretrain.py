@@ -42,7 +42,7 @@ def test_cosine_schedule_shape():
 
 
 def test_param_groups_follow_reference_rules():
-    from geodino.models.registry import build_backbone
+    from geodino.models import build_backbone
     from geodino.models.heads import DINOHead
 
     bb = build_backbone("geodino_vit_tiny", in_chans=3)
@@ -65,7 +65,7 @@ def test_param_groups_follow_reference_rules():
 
 
 def test_ema_update_moves_teacher_towards_student():
-    from geodino.models.registry import build_backbone
+    from geodino.models import build_backbone
     from geodino.train.ssl import SSLMetaArch
 
     cfg = cli.compose("train", TINY)
@@ -136,15 +136,18 @@ def test_one_teacher_forward_per_step_and_metrics(tmp_path, monkeypatch):
         for key in ("loss", "loss_dino_local", "loss_dino_global", "loss_koleo", "loss_ibot", "lr", "teacher_temp",
                     "cls_std", "patch_erank", "time_data", "time_forward_backward", "time_optim"):
             assert key in r and math.isfinite(r[key]), key
-    ckpt = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=False)
-    contract = ckpt["contract"]
-    assert contract["bands"][:4] == ["B01", "B02", "B03", "B04"] and contract["in_chans"] == 13
-    assert len(contract["mean"]) == 13 and contract["patch_size"] == 16
+    from geodino.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(tmp_path)
+    assert ckpt.path.name == "step_00000003.pt" and ckpt.stage == "pretrain" and ckpt.step == 3
+    contract = ckpt.contract
+    assert contract.bands[:4] == ["B01", "B02", "B03", "B04"] and contract.in_chans == 13
+    assert len(contract.mean) == 13 and contract.patch_size == 16
     # the backbone loads back through the public API
-    from geodino.models.registry import load_backbone
+    from geodino.models import load_backbone
 
     bb = load_backbone(tmp_path)
-    assert bb.geodino_contract["bands"] == contract["bands"]
+    assert bb.geodino_contract.bands == contract.bands
     out = bb.forward_features(torch.zeros(1, 13, 32, 32))
     assert out["x_norm_patchtokens"].shape == (1, 4, 96)
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from geodino import cli
-from geodino.models.registry import build_backbone
-from geodino.train.gram import GramMetaArch, MultiResolutionDataset, copy_backbone, gram_agreement
+from geodino.models import build_backbone
+from geodino.train.gram import GramMetaArch, MultiResolutionDataset, copy_backbone
+from geodino.train.monitors import gram_agreement
 
 from test_pretrain import TINY
 
@@ -102,9 +103,9 @@ def test_stages_chain_from_the_cli(tmp_path):
     ckpt = torch.load(tmp_path / "hr" / "checkpoints" / "step_00000002.pt", weights_only=False)
     assert ckpt["stage"] == "highres" and ckpt["init"] == str(tmp_path / "gram")
     assert any(k.startswith("gram_teacher.") for k in ckpt["models"]["meta_arch"])
-    from geodino.models.registry import load_backbone
+    from geodino.models import load_backbone
 
-    assert load_backbone(tmp_path / "hr").geodino_contract["in_chans"] == 13
+    assert load_backbone(tmp_path / "hr").geodino_contract.in_chans == 13
 
 
 def test_wrong_or_missing_predecessor_is_a_clear_error(tmp_path, capsys):
@@ -118,7 +119,7 @@ def test_wrong_or_missing_predecessor_is_a_clear_error(tmp_path, capsys):
 def test_gram_continues_a_released_backbone_with_head_warmup(tmp_path):
     """init=<official .pth>: RGB weights adapted to 13 bands, fresh heads warmed up on a frozen backbone,
     the released backbone as Gram teacher."""
-    from geodino.models.registry import load_backbone
+    from geodino.models import load_backbone
 
     torch.manual_seed(1)
     official = tmp_path / "released_vit_tiny.pth"
@@ -142,7 +143,7 @@ def test_gram_continues_a_released_backbone_with_head_warmup(tmp_path):
 
 
 def test_heldout_monitor_reports_dense_quality_and_restores_train_mode():
-    from geodino.train.gram import heldout_monitor
+    from geodino.train.monitors import heldout_monitor
 
     meta = _meta()
     meta.train()

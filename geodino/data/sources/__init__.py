@@ -12,18 +12,23 @@ a source to the items chosen by `geodino curate action=balance|retrieve`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from geodino.contract import Contract
 from geodino.data.bands import rgb_indices
+from geodino.data.lists import read_chip_list
+from geodino.data.sources.folder import FolderSource
+from geodino.data.sources.raster import RasterSource
+from geodino.data.stats import band_statistics
 from geodino.errors import DataError
 
 log = logging.getLogger("geodino")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceInfo:
     source: object
     band_names: list[str]
@@ -36,6 +41,14 @@ class SourceInfo:
     @property
     def n_bands(self) -> int:
         return len(self.band_names)
+
+    def with_stats(self, mean, std) -> "SourceInfo":
+        """The same source normalised with other statistics (e.g. a predecessor's or a teacher's)."""
+        return replace(self, mean=[float(m) for m in mean], std=[float(s) for s in std])
+
+    def contract(self, base: Contract) -> Contract:
+        """`base` (an architecture) fed this data: its bands, normalisation and input scaling."""
+        return base.with_data(bands=self.band_names, mean=self.mean, std=self.std, input_scale=self.input_scale)
 
 
 def _paths(data_cfg) -> list[str] | None:
@@ -77,7 +90,6 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False, stats: bool = 
     """`stats=False` skips computing statistics when no mean/std/stats_file is given (mean/std stay empty)."""
     kind = str(data_cfg.kind)
     if kind == "raster":
-        from geodino.data.sources.raster import RasterSource, band_statistics
 
         paths = _paths(data_cfg)
         if paths is None:
@@ -86,8 +98,6 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False, stats: bool = 
             paths = [str(sample_sat_path())]
         chip_indices, chip_seed = None, seed
         if data_cfg.get("chip_list"):
-            from geodino.data.curation import read_chip_list
-
             chip_indices, meta = read_chip_list(data_cfg.chip_list)
             # Chip identity is fixed by the seed and chip size the list was made with.
             chip_seed = int(meta.get("seed", seed))
@@ -129,8 +139,6 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False, stats: bool = 
                           extra={"files": [str(f) for f in src.files], "crs": str(src.crs),
                                  "reader": src.sensor or "geotiff", "chip_list": data_cfg.get("chip_list")})
     if kind == "folder":
-        from geodino.data.sources.folder import FolderSource
-
         paths = _paths(data_cfg)
         if paths is None:
             from geodino.data.sample import sample_nat_dir

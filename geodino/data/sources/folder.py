@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from geodino.data.lists import read_file_list
 from geodino.errors import DataError
 
 log = logging.getLogger("geodino")
@@ -24,12 +25,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 def list_images(paths: Sequence[str | Path], file_list: str | Path | None = None) -> list[Path]:
     files: list[Path] = []
     if file_list is not None:
-        base = Path(paths[0]) if paths else Path(file_list).parent
-        for line in Path(file_list).read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                p = Path(line)
-                files.append(p if p.is_absolute() else base / p)
+        files = read_file_list(file_list, base=Path(paths[0]) if paths else None)
     else:
         for p in paths:
             p = Path(p).expanduser()
@@ -85,6 +81,12 @@ class FolderSource(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return read_photo(self.files[int(index) % len(self.files)])
+
+    def preview(self, size: int = 160, multiple: int = 16) -> torch.Tensor:
+        """The first image resized to (3, S, S), S the largest multiple of `multiple` <= `size`, for figures."""
+        side = size - size % multiple
+        img = self[0]
+        return torch.nn.functional.interpolate(img[None], size=(side, side), mode="bilinear", antialias=True)[0]
 
 
 def read_photo(path: str | Path) -> torch.Tensor:

@@ -29,7 +29,6 @@ Chip lists: `chip_indices` restricts the source to a list of chip indices (as wr
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -37,20 +36,10 @@ import numpy as np
 import torch
 
 from geodino.data.bands import select_bands
+from geodino.data.geotiff import RASTER_SUFFIXES, raster_bands
 from geodino.errors import DataError
 
 log = logging.getLogger("geodino")
-
-
-def _band_names_of(path: Path) -> tuple[list[str], float | None]:
-    import rasterio
-
-    try:
-        with rasterio.open(path) as src:
-            names = [d if d else f"band_{i + 1}" for i, d in enumerate(src.descriptions)]
-            return names, src.nodata
-    except Exception as e:
-        raise DataError(f"cannot open raster {path}: {e}") from e
 
 
 def find_rasters(paths: Sequence[str | Path], filename_glob: str = "*.tif") -> list[Path]:
@@ -70,7 +59,6 @@ def find_rasters(paths: Sequence[str | Path], filename_glob: str = "*.tif") -> l
 
 # torchgeo dataset class per named sensor, and the bands read when `bands` is not given.
 SENSOR_DATASETS = {"sentinel2": "Sentinel2", "landsat8": "Landsat8", "landsat9": "Landsat9", "naip": "NAIP"}
-_RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img"}
 
 
 def sensor_dataset_class(sensor: str):
@@ -119,7 +107,7 @@ def find_sensor_scenes(paths: Sequence[str | Path], sensor: str) -> tuple[dict[s
             raise DataError(f"data path {p} does not exist")
     scenes: dict[str, dict[str, Path]] = {}
     for f in candidates:
-        if f.suffix.lower() not in _RASTER_SUFFIXES or not fnmatch.fnmatch(f.name, glob):
+        if f.suffix.lower() not in RASTER_SUFFIXES or not fnmatch.fnmatch(f.name, glob):
             continue
         m = pattern.match(f.name)
         if m is None:
@@ -213,7 +201,7 @@ class RasterSource(torch.utils.data.Dataset):
                     if src.count < max(idx) + 1:
                         raise DataError(f"band {names[max(idx)]} not found in {f}: it has {src.count} bands, "
                                         f"{cls.__name__} expects {', '.join(names)}")
-        _, nodata = _band_names_of(self.files[0])
+        _, nodata = raster_bands(self.files[0])
         self.nodata = 0.0 if nodata is None else float(nodata)
         kw = {"crs": crs, "bands": self.band_names}
         if res is not None:
@@ -222,9 +210,9 @@ class RasterSource(torch.utils.data.Dataset):
 
     def _init_generic(self, paths, bands, filename_glob, crs, res, RasterDataset) -> None:
         self.files = find_rasters(paths, filename_glob)
-        names, nodata = _band_names_of(self.files[0])
+        names, nodata = raster_bands(self.files[0])
         for f in self.files[1:]:
-            other, _ = _band_names_of(f)
+            other, _ = raster_bands(f)
             if other != names:
                 raise DataError(
                     f"raster {f} has bands {other}, but {self.files[0]} has {names}; "
@@ -321,49 +309,17 @@ class RasterSource(torch.utils.data.Dataset):
         img = self.chip(self.chip_index(index))
         return (img / self.scale).clamp_(0.0, 1.0)
 
+    def preview(self, size: int = 160, multiple: int = 16, seed: int = 12345) -> torch.Tensor:
+        """One larger chip (C, S, S) in [0, 1], S <= `size` a multiple of `multiple` that fits every raster, for
+        figures (e.g. the PCA feature map written at the end of training)."""
+        side = min(size, *(int((b[2] - b[0]) / self.res[0]) for b in self._bounds),
+                   *(int((b[3] - b[1]) / self.res[1]) for b in self._bounds))
+        side -= side % multiple
+        view = RasterSource([str(f) for f in self.files], chip_size=side, bands=self.band_names, scale=self.scale,
+                            nodata_max_fraction=self.nodata_max_fraction, length=1, seed=seed, sensor=self.sensor)
+        return view[0]
 
-def band_statistics(source: torch.utils.data.Dataset, n: int = 64, progress: bool = False,
-                    exclude_nodata: bool = True, info: dict | None = None) -> tuple[list[float], list[float]]:
-    """Per-band mean and std over the first `n` items (values as the source returns them, i.e. in [0, 1]).
-
-    For a RasterSource, pixels where every band equals the nodata value are left out
-    (`exclude_nodata`), so the zeros of partly empty chips do not bias the statistics. Per-item
-    moments are merged with Chan's parallel formula in float64 (no catastrophic cancellation).
-    `info`, when given, receives the item, pixel and excluded-pixel counts.
-    """
-    from tqdm.auto import tqdm
-
-    n = min(int(n), len(source))
-    if n <= 0:
-        raise DataError("band statistics need at least one chip or image")
-    raster = exclude_nodata and hasattr(source, "chip") and hasattr(source, "valid_mask")
-    count = 0
-    mean = m2 = None
-    excluded = 0
-    for i in tqdm(range(n), desc="band statistics", disable=not progress):
-        if raster:
-            raw = source.chip(source.chip_index(i))
-            valid = source.valid_mask(raw)
-            x = (raw / source.scale).clamp_(0.0, 1.0)[:, valid].double()
-            excluded += int((~valid).sum())
-        else:
-            x = source[i].double().flatten(1)
-        nb = x.shape[1]
-        if nb == 0:
-            continue
-        mb = x.mean(1)
-        m2b = ((x - mb[:, None]) ** 2).sum(1)
-        if mean is None:
-            mean, m2, count = mb, m2b, nb
-            continue
-        delta = mb - mean
-        tot = count + nb
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (count * nb / tot)
-        count = tot
-    if mean is None:
-        raise DataError(f"the {n} chips read for band statistics hold no valid (non-nodata) pixel")
-    var = (m2 / count).clamp_min(1e-12)
-    if info is not None:
-        info.update({"items": n, "pixels": int(count), "nodata_pixels_excluded": int(excluded)})
-    return [float(v) for v in mean], [float(math.sqrt(v)) for v in var]
+    def item_with_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item `index` in [0, 1], (H, W) mask of pixels holding data) (see geodino.data.stats)."""
+        raw = self.chip(self.chip_index(index))
+        return (raw / self.scale).clamp_(0.0, 1.0), self.valid_mask(raw)

@@ -170,11 +170,11 @@ def run(ctx) -> dict:
     evals = CanopyTiles(root, eval_split, meta, max_h)
     extractor = ctx.extractor()
     contract = extractor.contract
-    if int(contract.get("in_chans", 3)) != 3:
-        raise GeodinoError(f"the canopy task feeds RGB but backbone {contract.get('name')} takes {contract.get('in_chans')} bands")
+    if contract.in_chans != 3:
+        raise GeodinoError(f"the canopy task feeds RGB but backbone {contract.name} takes {contract.in_chans} bands")
     window = int(t.patch)
     stride = int(t.get("stride") or max(extractor.patch_size, window // 2))
-    common = dict(kind="reg", window=window, mean=contract["mean"], std=contract["std"], batch_size=int(t.batch_size),
+    common = dict(kind="reg", window=window, mean=list(contract.mean), std=list(contract.std), batch_size=int(t.batch_size),
                   num_workers=ctx.num_workers, progress=ctx.progress)
     dataset_id = {"name": meta.get("name", "canopy"), "root": str(root.resolve()),
                   "files": {train_split: files_identity(train.files()), eval_split: files_identity(evals.files())}}

@@ -40,12 +40,11 @@ def _pca_figure(ctx, extractor, tiles: TileSet, spec: DenseSpec, tag: str) -> No
     if ctx.n_figures <= 0 or len(tiles) == 0:
         return
     try:
-        from geodino.eval.report import pca_feature_png
+        from geodino.figures import pca_feature_png
 
         img = tiles.load(0)["image"].float()
         win = spec.window
-        pca_feature_png(extractor.backbone, img[:, :win, :win].cpu(), spec.mean, spec.std,
-                        ctx.figures_dir / f"pca_features{tag}.png")
+        pca_feature_png(extractor.backbone, img[:, :win, :win].cpu(), ctx.figures_dir / f"pca_features{tag}.png")
     except Exception as e:  # a figure must never fail a finished evaluation
         log.warning("no PCA figure: %s", e)
 
@@ -79,7 +78,7 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
                 per_group.setdefault(g, SegmentationMetric(num_classes, ignore_index, exclude_from_mean, class_names))
                 per_group[g].update(pred, r["target"])
             if r["tile"] < ctx.n_figures:
-                from geodino.eval.figures import class_map_png
+                from geodino.figures import class_map_png
 
                 try:
                     img = eval_tiles.load(r["tile"])["image"]
@@ -124,7 +123,7 @@ def evaluate_regression(ctx, extractor, train_tiles: TileSet, eval_tiles: TileSe
             pred = r["output"][0]
             metric.update(pred, r["target"], r["valid"])
             if r["tile"] < ctx.n_figures:
-                from geodino.eval.figures import height_map_png
+                from geodino.figures import height_map_png
 
                 try:
                     img = eval_tiles.load(r["tile"])["image"]

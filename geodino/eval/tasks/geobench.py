@@ -495,9 +495,9 @@ def run(ctx) -> dict:
             rgb = _rgb_positions(band_names, task.name)
             extractor = ctx.extractor(in_chans=len(band_names), bands=band_names, rgb_indices=rgb)
         contract = extractor.contract
-        if int(contract["in_chans"]) != len(band_names):
-            raise GeodinoError(f"{task.name}: backbone takes {contract['in_chans']} bands, bands={band_mode} gives {len(band_names)}")
-        mean, std = contract["mean"], contract["std"]
+        if contract.in_chans != len(band_names):
+            raise GeodinoError(f"{task.name}: backbone takes {contract.in_chans} bands, bands={band_mode} gives {len(band_names)}")
+        mean, std = list(contract.mean), list(contract.std)
         if task.kind == "seg":
             res = eval_segmentation(ctx, task, extractor, band_mode, scaling, mean, std)
         else:
@@ -538,13 +538,13 @@ def _pca_figure(ctx, task: GeobenchTask, extractor, band_mode, scaling, mean, st
     if ctx.n_figures <= 0:
         return
     try:
-        from geodino.eval.report import pca_feature_png
+        from geodino.figures import pca_feature_png
 
         image, _, _ = task.read(task.names("test")[0], band_mode, scaling)
         p = extractor.patch_size
         if (image.shape[-2] // p) * (image.shape[-1] // p) < 3:
             return
-        pca_feature_png(extractor.backbone, image, mean, std, ctx.figures_dir / f"pca_features_{task.name}.png")
+        pca_feature_png(extractor.backbone, image, ctx.figures_dir / f"pca_features_{task.name}.png")
     except Exception as e:  # a figure must never fail a finished evaluation
         log.warning("no PCA figure for %s: %s", task.name, e)
 

@@ -119,12 +119,12 @@ def run(ctx) -> dict:
     evals = LoveDATiles(root, eval_split, scenes, t.get("max_eval_tiles"))
     extractor = ctx.extractor()
     contract = extractor.contract
-    if int(contract.get("in_chans", 3)) != 3:
-        raise GeodinoError(f"LoveDA is RGB but backbone {contract.get('name')} takes {contract.get('in_chans')} bands")
+    if contract.in_chans != 3:
+        raise GeodinoError(f"LoveDA is RGB but backbone {contract.name} takes {contract.in_chans} bands")
     window = int(t.window)
     stride = int(t.stride)
     train_stride = int(t.get("train_stride") or window)
-    common = dict(kind="seg", window=window, mean=contract["mean"], std=contract["std"],
+    common = dict(kind="seg", window=window, mean=list(contract.mean), std=list(contract.std),
                   batch_size=int(t.get("feature_batch_size") or t.batch_size), num_workers=ctx.num_workers,
                   progress=ctx.progress)
     dataset_id = {"name": "loveda", "root": str(root.resolve()), "scenes": scenes,

@@ -1,4 +1,8 @@
-"""PNG figures for eval reports: [input | truth | prediction] for class maps and height maps."""
+"""PNG figures: the PCA of a backbone's patch features next to the input (the standard way DINO features are
+inspected, DINOv2/v3 papers), and [input | truth | prediction] panels for class maps and height maps.
+
+A neutral module: training writes ``pca_features.png`` at the end of a run, evaluation writes every figure.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,57 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from geodino.eval.report import _to_uint8_rgb
+def to_uint8_rgb(img: torch.Tensor, rgb: Sequence[int] | None) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8 with a 2-98 % stretch per channel."""
+    idx = list(rgb) if rgb is not None else ([0, 1, 2] if img.shape[0] >= 3 else [0, 0, 0])
+    x = img[idx].float().numpy()
+    out = np.empty(x.shape[1:] + (3,), dtype=np.uint8)
+    for c in range(3):
+        lo, hi = np.percentile(x[c], [2, 98])
+        out[..., c] = np.clip((x[c] - lo) / max(hi - lo, 1e-8) * 255, 0, 255).astype(np.uint8)
+    return out
+
+
+@torch.no_grad()
+def pca_components(patch_tokens: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """(N, D) tokens -> (N, n) projections on the top principal components, scaled to [0, 1]."""
+    x = patch_tokens.float()
+    x = x - x.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ v[:n].T
+    lo, hi = proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0)
+    return ((proj - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+
+
+@torch.no_grad()
+def pca_feature_png(backbone: torch.nn.Module, image: torch.Tensor, out: str | Path,
+                    rgb: Sequence[int] | None = None, upscale: int = 4) -> Path:
+    """Save [input RGB | PCA of patch features] as a PNG. `image` is (C, H, W) in [0, 1] in the backbone's band
+    order; it is normalised with the backbone's contract."""
+    from PIL import Image
+
+    patch = backbone.token_stride
+    c, h, w = image.shape
+    h, w = h - h % patch, w - w % patch
+    image = image[:, :h, :w]
+    x = backbone.geodino_contract.normalize(image.float()).unsqueeze(0)
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    feats = backbone.forward_features(x.to(device))["x_norm_patchtokens"][0].cpu()
+    backbone.train(was_training)
+    gh, gw = h // patch, w // patch
+    comps = pca_components(feats).reshape(gh, gw, 3).numpy()
+    pca = Image.fromarray((comps * 255).astype(np.uint8)).resize((w * upscale // 2, h * upscale // 2), Image.NEAREST)
+    rgb_img = Image.fromarray(to_uint8_rgb(image, rgb)).resize(pca.size, Image.BILINEAR)
+    canvas = Image.new("RGB", (pca.width * 2 + 8, pca.height), (255, 255, 255))
+    canvas.paste(rgb_img, (0, 0))
+    canvas.paste(pca, (pca.width + 8, 0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
 
 # LoveDA-like colours for up to 8 classes, then a deterministic pseudo-random palette.
 _BASE = [(0, 0, 0), (255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255), (159, 129, 183), (0, 255, 0),
@@ -59,7 +113,7 @@ def class_map_png(image01: torch.Tensor, target: torch.Tensor, pred: torch.Tenso
     tv = pal[np.clip(t, 0, n_classes - 1)]
     bad = t < 0 if ignore_index is None else (t < 0) | (t == ignore_index)
     tv[bad] = 0
-    rgb = _to_uint8_rgb(image01.float(), None)
+    rgb = to_uint8_rgb(image01.float(), None)
     return _row([rgb, tv, pal[p]], out, _scale_for(t.shape[0]))
 
 
@@ -72,5 +126,5 @@ def height_map_png(image01: torch.Tensor, target: torch.Tensor, pred: torch.Tens
     top = vmax or max(1e-6, float(np.nanmax(np.where(v, t, 0))) if v.any() else 1.0, float(p.max()) if p.size else 1.0)
     tv = _ramp(np.where(v, t, 0) / top)
     tv[~v] = 0
-    rgb = _to_uint8_rgb(image01.float(), None)
+    rgb = to_uint8_rgb(image01.float(), None)
     return _row([rgb, tv, _ramp(p / top)], out, _scale_for(t.shape[0]))

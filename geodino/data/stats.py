@@ -1,0 +1,63 @@
+"""Per-band normalisation statistics of a data source (the one implementation; `geodino curate action=stats`,
+`data=` sources without a stats file, and caption data all use it).
+
+Items come from ``source.item_with_mask(i) -> ((C, H, W) values in [0, 1], (H, W) valid mask)`` when the source
+offers it (raster sources: nodata pixels are left out, so the zeros of partly empty chips do not bias the mean),
+else ``source[i]``; NaN pixels are always left out. Per-item moments are merged with Chan's parallel formula in
+float64, so no catastrophic cancellation on large pools.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from geodino.errors import DataError
+
+
+def band_statistics(source, n: int = 64, progress: bool = False, info: dict | None = None,
+                    indices: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
+    """(mean, std) per band over items `indices` (default the first `n`). `info`, when given, receives the item,
+    pixel and excluded-pixel counts."""
+    from tqdm.auto import tqdm
+
+    if indices is None:
+        n = min(int(n), len(source))
+        indices = range(n)
+    indices = list(indices)
+    if not indices:
+        raise DataError("band statistics need at least one chip or image")
+    masked = hasattr(source, "item_with_mask")
+    count, mean, m2, excluded = 0, None, None, 0
+    for i in tqdm(indices, desc="band statistics", disable=not progress):
+        if masked:
+            x, valid = source.item_with_mask(int(i))
+        else:
+            x = source[int(i)]
+            x = x["image"] if isinstance(x, dict) else x
+            valid = torch.ones(x.shape[1:], dtype=torch.bool)
+        x = x.double()
+        valid = valid & ~torch.isnan(x).any(0)
+        excluded += int((~valid).sum())
+        x = x[:, valid]
+        nb = x.shape[1]
+        if nb == 0:
+            continue
+        mb = x.mean(1)
+        m2b = ((x - mb[:, None]) ** 2).sum(1)
+        if mean is None:
+            mean, m2, count = mb, m2b, nb
+            continue
+        delta = mb - mean
+        tot = count + nb
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (count * nb / tot)
+        count = tot
+    if mean is None:
+        raise DataError(f"the {len(indices)} items read for band statistics hold no valid (non-nodata) pixel")
+    var = (m2 / count).clamp_min(1e-12)
+    if info is not None:
+        info.update({"items": len(indices), "pixels": int(count), "nodata_pixels_excluded": int(excluded)})
+    return [float(v) for v in mean], [float(math.sqrt(v)) for v in var]

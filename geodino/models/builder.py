@@ -1,0 +1,191 @@
+"""Building backbones: by registry name, from a contract, or from a file (released weights, a geodino training
+run or checkpoint, an exported backbone), with band adaptation of RGB weights and training-time stochastic depth.
+
+`load_backbone(name_or_path, weights=None, in_chans=None)` is the one entry point users call; every backbone it
+returns carries its `Contract` as ``model.geodino_contract``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from geodino.checkpoint import Checkpoint
+from geodino.contract import Contract, default_band_names
+from geodino.data.bands import rgb_indices as find_rgb
+from geodino.errors import CheckpointError
+from geodino.models.convnext import ConvNeXtBlock, convnext
+from geodino.models.registry import ARCHS, arch, arch_names
+from geodino.models.vit import SelfAttentionBlock, dinov3_vit
+from geodino.models.weights import load_weights_into, read_state_dict
+
+log = logging.getLogger("geodino")
+
+
+def construct(family: str, kwargs: dict, device=None) -> nn.Module:
+    """The bare module of a family with these constructor kwargs (random official init, skipped on meta)."""
+    if family == "vit":
+        return dinov3_vit(**kwargs, device=device)
+    if family == "convnext":
+        if device is not None:
+            with torch.device(device):
+                return convnext(**kwargs)
+        return convnext(**kwargs)
+    raise CheckpointError(f"unknown backbone family '{family}'")
+
+
+def default_contract(name: str, kwargs: dict) -> Contract:
+    """The registry's contract for `name` with these kwargs: its normalisation on RGB; other band counts get
+    the mean of the RGB statistics for every band (the band-adaptation rule) until data statistics replace them."""
+    spec = arch(name)
+    n = int(kwargs.get("in_chans", 3))
+    mean, std = tuple(spec["mean"]), tuple(spec["std"])
+    if n != len(mean):
+        mean, std = (sum(mean) / len(mean),) * n, (sum(std) / len(std),) * n
+    return Contract(name, spec["family"], dict(kwargs), bands=default_band_names(n), mean=mean, std=std)
+
+
+def build_backbone(name: str, in_chans: int | None = None, device: str | torch.device | None = None,
+                   **overrides) -> nn.Module:
+    """A backbone by name with random (official-scheme) init, done by the constructor (skipped on the
+    meta device); `overrides` change constructor kwargs."""
+    spec = arch(name)
+    kwargs = {**spec["kwargs"], **overrides}
+    if in_chans is not None:
+        kwargs["in_chans"] = int(in_chans)
+    model = construct(spec["family"], kwargs, device)
+    model.geodino_contract = default_contract(name, kwargs)
+    return model
+
+
+def backbone_from_contract(contract: Contract, device=None) -> nn.Module:
+    model = construct(contract.family, dict(contract.kwargs), device)
+    model.geodino_contract = contract
+    return model
+
+
+def set_stochastic_depth(model: nn.Module, rate: float) -> nn.Module:
+    """Set a backbone's training-time stochastic depth in place, as its constructor's ``drop_path_rate``
+    would: the same batch-subset "sample drop" rate in every ViT block (reference), a linear 0 -> rate
+    ramp over the ConvNeXt blocks (reference). A training setting, not architecture: it is not recorded
+    in the contract, has no parameters and does nothing in eval mode."""
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    vit_blocks = [m for m in model.modules() if isinstance(m, SelfAttentionBlock)]
+    for block in vit_blocks:
+        block.sample_drop_ratio = rate
+    conv_blocks = [m for m in model.modules() if isinstance(m, ConvNeXtBlock)]
+    for i, block in enumerate(conv_blocks):
+        block.drop_path = rate * i / max(len(conv_blocks) - 1, 1)
+    if not vit_blocks and not conv_blocks:
+        raise ValueError(f"{type(model).__name__} has no ViT or ConvNeXt blocks to set stochastic depth on")
+    return model
+
+
+def adapt_patch_embed(weight: torch.Tensor, in_chans: int, rgb_indices: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
+    """Adapt a 3-channel (RGB) first-layer kernel to `in_chans` input bands.
+
+    Rule (DINOv3 paper's NIR inflation; FINO `expand_patch_embed`): the R, G, B filters are kept at
+    the bands that hold R, G, B (`rgb_indices`, default 0, 1, 2); every other band gets the mean of
+    the RGB filters; then the whole kernel is multiplied by 3 / in_chans so that an input whose bands
+    all look alike produces the same activation scale as the RGB model.
+    """
+    out_c, c, kh, kw = weight.shape
+    if c != 3:
+        raise CheckpointError(f"band adaptation starts from an RGB kernel; this patch embedding has {c} input channels")
+    rgb = list(rgb_indices) if rgb_indices is not None else [0, 1, 2]
+    if len(rgb) != 3 or len(set(rgb)) != 3 or max(rgb) >= in_chans or min(rgb) < 0:
+        raise CheckpointError(f"rgb_indices {rgb} do not name three distinct bands among {in_chans}")
+    mean_filter = weight.mean(dim=1)
+    new = mean_filter[:, None].repeat(1, in_chans, 1, 1).clone()
+    for src, dst in enumerate(rgb):
+        new[:, dst] = weight[:, src]
+    scale = 3.0 / in_chans
+    new = new * scale
+    return new, {"rule": "rgb_kept_extra_from_rgb_mean_rescaled", "from_in_chans": 3, "in_chans": int(in_chans),
+                 "rgb_indices": rgb, "scale": scale}
+
+
+def _first_layer_key(family: str) -> str:
+    return "patch_embed.proj.weight" if family == "vit" else "downsample_layers.0.0.weight"
+
+
+def adapt_bands(model: nn.Module, in_chans: int, bands: Sequence[str] | None = None,
+                rgb_indices: Sequence[int] | None = None) -> nn.Module:
+    """A copy of an RGB backbone taking `in_chans` bands (`adapt_patch_embed`); the contract keeps the RGB
+    statistics at the RGB bands and gives every other band their mean, until data statistics replace them."""
+    contract = model.geodino_contract
+    key = _first_layer_key(contract.family)
+    sd = model.state_dict()
+    if rgb_indices is None and bands is not None:
+        rgb_indices = find_rgb(bands)
+    new_w, rule = adapt_patch_embed(sd[key], in_chans, rgb_indices)
+    kwargs = {**contract.kwargs, "in_chans": in_chans}
+    new_model = construct(contract.family, kwargs)
+    sd[key] = new_w
+    new_model.load_state_dict(sd, strict=True)
+    m_extra, s_extra = sum(contract.mean) / 3, sum(contract.std) / 3
+    new_mean, new_std = [m_extra] * in_chans, [s_extra] * in_chans
+    for src, dst in enumerate(rule["rgb_indices"]):
+        new_mean[dst], new_std[dst] = contract.mean[src], contract.std[src]
+    new_model.geodino_contract = Contract(
+        contract.name, contract.family, kwargs, bands=list(bands) if bands is not None else default_band_names(in_chans),
+        mean=new_mean, std=new_std, input_scale=contract.input_scale, band_adaptation=rule,
+    )
+    return new_model
+
+
+def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, in_chans: int | None = None,
+                  bands: Sequence[str] | None = None, rgb_indices: Sequence[int] | None = None,
+                  which: str = "teacher", device: str | torch.device = "cpu", **overrides) -> nn.Module:
+    """A backbone by released name (optionally with a local weights file) or from a geodino file.
+
+    - `load_backbone("dinov3_vitl16_sat493m", weights="dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")`
+    - `load_backbone("outputs/train/pretrain/<run>")` (a run directory, a `.pt` training checkpoint, a backbone
+      file such as a distilled student, or a geodino-exported `.safetensors`); `which` picks the EMA teacher
+      (default) or the student of a training checkpoint.
+    - `in_chans != 3` with RGB weights adapts the first layer with `adapt_patch_embed` and records the
+      rule in the contract.
+    """
+    name = str(name_or_path)
+    if name in ARCHS:
+        model = build_backbone(name, in_chans=None, device="cpu", **overrides)
+        if weights is not None:
+            sd, _ = read_state_dict(weights)
+            load_weights_into(model, sd, source=f"weights file {weights}")
+        if in_chans is not None and int(in_chans) != model.geodino_contract.in_chans:
+            model = adapt_bands(model, int(in_chans), bands, rgb_indices)
+        elif bands is not None:
+            model.geodino_contract = model.geodino_contract.with_data(bands=list(bands))
+        return model.to(device).eval()
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"unknown backbone '{name}': no such file or run directory, and not a known name ({', '.join(arch_names())})")
+    contract, sd = read_geodino_backbone(path, which)
+    if weights is not None:
+        sd, _ = read_state_dict(weights)
+    model = backbone_from_contract(contract)
+    load_weights_into(model, sd, source=str(path))
+    if in_chans is not None and int(in_chans) != contract.in_chans:
+        model = adapt_bands(model, int(in_chans), bands, rgb_indices)
+    return model.to(device).eval()
+
+
+def read_geodino_backbone(path: Path, which: str = "teacher") -> tuple[Contract, dict]:
+    """(contract, official-key weights) of a geodino-exported safetensors file or any geodino checkpoint file."""
+    if path.suffix == ".safetensors":
+        sd, meta = read_state_dict(path)
+        contract = meta.get("geodino_contract")
+        if not contract:
+            raise CheckpointError(f"{path} has no geodino contract in its metadata; pass a released name and weights={path}")
+        return Contract.from_dict(contract, where=str(path)), sd
+    ckpt = Checkpoint.open(path)
+    if not ckpt.has_contract or not (ckpt.is_backbone_file or ckpt.is_training or ckpt.is_dinotxt):
+        raise CheckpointError(f"{path} is not a geodino checkpoint (no 'models' / 'contract' entries)")
+    return ckpt.contract, ckpt.backbone_state(which)

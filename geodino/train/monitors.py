@@ -1,0 +1,189 @@
+"""What the trainer watches besides the losses: collapse, dense-feature quality on held-out images, agreement
+with a Gram teacher and, in distillation, how close a student is to its teacher. Every stage uses these; none
+of them changes training.
+
+- `collapse_monitor(cls, patches)`: class-token spread across the batch and effective rank of patch features;
+- `gram_agreement(student_tokens, teacher_tokens)`: correlation of patch-similarity matrices;
+- `heldout_images(source, n, size, contract)`: fixed normalised chips from indices training never reaches;
+- `heldout_monitor(meta, images, gram_size)`: the collapse statistics (and Gram agreement) on those chips;
+- `teacher_agreement(student, teacher, images)`: CKA, k-NN overlap and prototype agreement (distillation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geodino.contract import Contract
+from geodino.losses import resize_gram_teacher_tokens, sinkhorn_knopp
+from geodino.losses.sinkhorn import LOCAL
+
+HELDOUT_OFFSET = 10**12  # held-out items: indices far beyond any training index, so never trained on as such
+
+
+@torch.no_grad()
+def collapse_monitor(cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
+    """Collapse monitor: class-token std across the batch (of L2-normalised tokens; a collapsed
+    model gives 0, a uniform spread on the sphere ~1/sqrt(D)) and the effective rank
+    (exp of the singular-value entropy) of centred patch features."""
+    c = F.normalize(cls.float(), dim=-1)
+    cls_std = float(c.std(dim=0).mean()) if c.shape[0] > 1 else 0.0
+    p = patches.float().reshape(-1, patches.shape[-1])
+    if p.shape[0] > 2048:
+        p = p[torch.linspace(0, p.shape[0] - 1, 2048, device=p.device).long()]
+    p = p - p.mean(dim=0, keepdim=True)
+    # singular values of p = sqrt(eigenvalues of pᵀp): a D x D problem, ~2x cheaper than the SVD of p
+    s = torch.linalg.eigvalsh((p.t() @ p).double()).clamp_min(0).sqrt().float()
+    prob = s / s.sum().clamp_min(1e-12)
+    erank = float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum()))
+    return {"cls_std": cls_std, "cls_std_x_sqrt_dim": cls_std * math.sqrt(c.shape[-1]), "patch_erank": erank}
+
+
+@torch.no_grad()
+def gram_agreement(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> float:
+    """Mean over images of the Pearson correlation between the student's and the teacher's patch
+    cosine-similarity matrices (1 = the same dense similarity structure). Used as the dense-feature
+    monitor in every stage that has a Gram teacher."""
+    s = F.normalize(student_tokens.float(), dim=-1)
+    t = F.normalize(teacher_tokens.float(), dim=-1)
+    gs = (s @ s.transpose(1, 2)).flatten(1)
+    gt = (t @ t.transpose(1, 2)).flatten(1)
+    gs = gs - gs.mean(1, keepdim=True)
+    gt = gt - gt.mean(1, keepdim=True)
+    corr = (gs * gt).sum(1) / (gs.norm(dim=1) * gt.norm(dim=1)).clamp_min(1e-12)
+    return float(corr.mean())
+
+
+def heldout_images(source, n: int, size: int, contract: Contract, offset: int = HELDOUT_OFFSET) -> torch.Tensor:
+    """n normalised images (N, C, size, size): `source[offset + i]`, centre-cropped to `size` (resized when
+    smaller), normalised with the contract. For a raster source these are chips training never draws."""
+    imgs = []
+    for i in range(n):
+        x = source[offset + i].float()
+        h, w = x.shape[-2:]
+        if min(h, w) < size:
+            x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True)[0]
+        else:
+            top, left = (h - size) // 2, (w - size) // 2
+            x = x[:, top:top + size, left:left + size]
+        imgs.append(contract.normalize(x))
+    return torch.stack(imgs)
+
+
+@torch.no_grad()
+def heldout_monitor(meta, images: torch.Tensor, gram_size: int | None = None) -> dict:
+    """Dense-feature quality on fixed held-out images (normalised, (N, C, H, W)), for every stage:
+    the student's class-token spread and patch effective rank, and, when the meta-architecture has a
+    Gram teacher, the patch-similarity agreement between the student (at H) and the Gram teacher (at
+    `gram_size`, tokens resized to the student grid)."""
+    student = meta.student.backbone
+    was_training = student.training
+    student.eval()
+    try:
+        out = student.forward_features(images)
+        stats = {f"heldout_{k}": v for k, v in collapse_monitor(out["x_norm_clstoken"], out["x_norm_patchtokens"]).items()}
+        gram_teacher = getattr(meta, "gram_teacher", None)
+        if gram_teacher is not None and gram_size:
+            stride = student.token_stride
+            xg = F.interpolate(images, size=(gram_size, gram_size), mode="bicubic", align_corners=False)
+            t = gram_teacher.forward_features(xg)["x_norm_patchtokens"]
+            g = images.shape[-1] // stride
+            t = resize_gram_teacher_tokens(t, (g, g), (gram_size // stride, gram_size // stride))
+            stats["heldout_gram_agreement"] = gram_agreement(out["x_norm_patchtokens"], t)
+    finally:
+        student.train(was_training)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Distillation: how close is a student to its teacher
+# ------------------------------------------------------------------------------------------------
+
+def resize_patch_tokens(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[n, h*w, D] on a square grid -> [n, size[0]*size[1], D] (bilinear, antialiased when shrinking): how a
+    student's token map meets the teacher's grid (ConvNeXt stride 32 against a ViT's 16)."""
+    n, t, d = tokens.shape
+    side = int(round(math.sqrt(t)))
+    if side * side != t:
+        raise ValueError(f"cannot resize {t} patch tokens: not a square grid")
+    if (side, side) == tuple(size):
+        return tokens
+    x = tokens.transpose(1, 2).reshape(n, d, side, side)
+    x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False,
+                      antialias=size[0] < side or size[1] < side).to(tokens.dtype)
+    return x.flatten(2).transpose(1, 2)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) between [n, d1] and [n, d2] features of the same n inputs:
+    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F); 1 = the same geometry up to rotation and scale."""
+    x = x.double() - x.double().mean(0, keepdim=True)
+    y = y.double() - y.double().mean(0, keepdim=True)
+    num = (y.T @ x).pow(2).sum()
+    den = (x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()
+    return float(num / den.clamp_min(1e-30))
+
+
+def knn_overlap(x: torch.Tensor, y: torch.Tensor, k: int = 5) -> float:
+    """Mean share of each sample's k nearest neighbours (cosine, itself excluded) in `x` that are also among
+    its k nearest neighbours in `y` (chance about k / (n - 1))."""
+    n = x.shape[0]
+    k = min(k, n - 1)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+
+    def nn_sets(f):
+        f = F.normalize(f.double(), dim=-1)
+        return (f @ f.T).masked_fill(eye, -float("inf")).topk(k, dim=1).indices
+
+    a, b = nn_sets(x), nn_sets(y)
+    hits = (a.unsqueeze(2) == b.unsqueeze(1)).any(2).double().sum(1)
+    return float((hits / k).mean())
+
+
+@torch.no_grad()
+def teacher_agreement(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
+                      band_indices: Sequence[int] | None = None, teacher_temp: float = 0.07) -> dict[str, float]:
+    """How close a student is to the teacher on `images` (normalised, the teacher's bands).
+
+    `student` / `teacher` are backbones, or {backbone, dino_head, ibot_head} ModuleDicts.
+
+    - `cls_cka`, `patch_cka`: linear CKA between the backbones' class tokens, and between their patch tokens
+      (the student's resized to the teacher's grid, as in training); `cls_knn5`: overlap of the 5 nearest
+      neighbours of each image under the two class-token spaces. These compare feature spaces of any widths.
+    - with heads, in the space the two share (the K prototypes): `dino_ce` / `ibot_ce`, the cross-entropy
+      of the student's DINO / iBOT prototype distribution (student temperature 0.1) against the teacher's
+      Sinkhorn-Knopp targets over `images` (class tokens / every patch), i.e. the training objective on
+      unaugmented held-out images (ln K for a student that knows nothing), and `dino_top1` / `ibot_top1`,
+      how often the student's top prototype is the teacher's (chance 1 / K).
+    """
+    def parts(m):
+        return (m["backbone"], m["dino_head"], m["ibot_head"]) if isinstance(m, nn.ModuleDict) else (m, None, None)
+
+    s_bb, s_dino, s_ibot = parts(student)
+    t_bb, t_dino, t_ibot = parts(teacher)
+    was = [(m, m.training) for m in (student, teacher)]
+    student.eval()
+    teacher.eval()
+    t = t_bb.forward_features(images)
+    x = images if band_indices is None else images[:, list(band_indices)]
+    s = s_bb.forward_features(x)
+    tp = t["x_norm_patchtokens"]
+    grid = int(round(math.sqrt(tp.shape[1])))
+    sp = resize_patch_tokens(s["x_norm_patchtokens"], (grid, grid))
+    out = {"cls_cka": linear_cka(s["x_norm_clstoken"], t["x_norm_clstoken"]),
+           "patch_cka": linear_cka(sp.reshape(-1, sp.shape[-1]), tp.reshape(-1, tp.shape[-1])),
+           "cls_knn5": knn_overlap(s["x_norm_clstoken"], t["x_norm_clstoken"], 5)}
+    if s_dino is not None and t_dino is not None:
+        for name, sh, th, sf, tf in (("dino", s_dino, t_dino, s["x_norm_clstoken"], t["x_norm_clstoken"]),
+                                     ("ibot", s_ibot, t_ibot, sp.reshape(-1, sp.shape[-1]), tp.reshape(-1, tp.shape[-1]))):
+            q = sinkhorn_knopp(th(tf).float(), teacher_temp, process_group=LOCAL)
+            logp = F.log_softmax(sh(sf).float() / 0.1, dim=-1)
+            out[f"{name}_ce"] = float(-(q * logp).sum(-1).mean())
+            out[f"{name}_top1"] = float((logp.argmax(-1) == q.argmax(-1)).float().mean())
+    for m, mode in was:
+        m.train(mode)
+    return out

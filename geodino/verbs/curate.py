@@ -1,0 +1,245 @@
+"""`geodino curate action=stats|embed|balance|retrieve|dedup ...`: data curation on the command line.
+
+Orchestration only: band statistics come from geodino.data.stats, embeddings, clustering, balanced sampling,
+retrieval and deduplication from geodino.data.curation, the backbone from geodino.models, item lists from
+geodino.data.lists. Outputs go to ``out=`` (default ``outputs/curate/<action>/<time>``):
+
+- ``stats``: ``band_stats.json`` (next to the data, or ``out=``), for ``data.stats_file=``;
+- ``embed``: ``embeddings.npy`` (memmap), ``items.txt`` (a chip or file list) and ``embed.json``;
+- ``balance`` / ``retrieve`` / ``dedup``: a chip or file list of the selection (``data.chip_list=`` /
+  ``data.file_list=``), its row indices and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geodino.data.curation import (STATS_FORMAT, balanced_sample, deduplicate, embed_source, faiss_module,
+                                   hierarchical_kmeans, load_embeddings, retrieve)
+from geodino.data.lists import write_chip_list, write_file_list
+from geodino.data.sources import build_source
+from geodino.data.stats import band_statistics
+from geodino.errors import DataError, GeodinoError
+from geodino.models import load_backbone
+from geodino.models.registry import is_arch
+from geodino.runs import default_run_dir, setup_logging
+from geodino.runtime import resolve_device
+
+log = logging.getLogger("geodino")
+
+
+def _stats_out(cfg, info) -> Path:
+    if cfg.get("out"):
+        out = Path(str(cfg.out)).expanduser()
+        return out if out.suffix == ".json" else out / "band_stats.json"
+    paths = cfg.data.get("paths")
+    if paths is None:  # the packaged sample: never write into the installed package
+        return Path("outputs") / "curate" / str(cfg.data.name) / "band_stats.json"
+    first = Path(str(paths if isinstance(paths, str) else paths[0])).expanduser()
+    return (first if first.is_dir() else first.parent) / "band_stats.json"
+
+
+def _source_meta(cfg, info) -> dict:
+    src = info.source
+    meta = {"data": str(cfg.data.name), "kind": str(cfg.data.kind), "bands": list(info.band_names)}
+    if cfg.data.kind == "raster":
+        meta.update({"seed": int(src.seed), "chip_size": int(src.chip_size), "scale": float(src.scale),
+                     "sensor": src.sensor, "files": [str(f) for f in src.files]})
+    return meta
+
+
+def run_stats(cfg, progress: bool = True) -> Path:
+    info = build_source(cfg.data, seed=int(cfg.seed), progress=progress, stats=False)
+    n = int(cfg.get("stats_chips", 256))
+    if cfg.data.kind != "raster":  # a folder source cycles through its files; read each once
+        n = min(n, len(info.source.files))
+    details: dict = {}
+    mean, std = band_statistics(info.source, n=n, progress=progress, info=details)
+    out = _stats_out(cfg, info)
+    doc = {"format": STATS_FORMAT, "bands": list(info.band_names), "mean": mean, "std": std,
+           "input_scale": info.input_scale, **details, **_source_meta(cfg, info)}
+    if cfg.data.kind == "raster":
+        doc["skipped_nodata_chips"] = int(info.source.skipped_nodata)
+    else:
+        doc["files"] = [str(f) for f in info.source.files]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    log.info("band statistics of %d %s: mean %s std %s -> %s (use data.stats_file=%s)", details.get("items", n),
+             "chips" if cfg.data.kind == "raster" else "images", [round(m, 4) for m in mean],
+             [round(s, 4) for s in std], out, out)
+    print(f"wrote {out}\nuse it with: data.stats_file={out}")
+    return out
+
+
+def _out_dir(cfg, action: str) -> Path:
+    return Path(str(cfg.out)).expanduser() if cfg.get("out") else default_run_dir("curate", action)
+
+
+def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
+    """Embed `data=` into out_dir/embeddings.npy (+ items.txt, embed.json). Returns out_dir."""
+    info = build_source(cfg.data, seed=int(cfg.seed), progress=progress)
+    src = info.source
+    if cfg.data.kind == "raster":
+        n = int(cfg.get("pool_size") or len(src))
+    else:
+        n = int(cfg.get("pool_size") or len(src.files))
+        n = min(n, len(src.files))
+    device = resolve_device(cfg.get("device", "auto"))
+    backbone = load_backbone(str(cfg.backbone), weights=cfg.get("weights"), in_chans=info.n_bands,
+                             bands=info.band_names, rgb_indices=info.rgb_indices)
+    contract = backbone.geodino_contract
+    # A trained backbone (weights file or geodino checkpoint) is fed with its own normalisation;
+    # a randomly initialised one with the data's statistics.
+    mean, std = info.mean, info.std
+    trained = cfg.get("weights") is not None or not is_arch(str(cfg.backbone))
+    if trained and list(contract.bands) == list(info.band_names):
+        mean, std = list(contract.mean), list(contract.std)
+    image_size = cfg.get("image_size")
+    if image_size is None and cfg.data.kind != "raster":
+        image_size = 224  # photos come in every size
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    emb = embed_source(backbone, src, batch_size=int(cfg.get("batch_size", 64)), out_path=out_dir / "embeddings.npy",
+                       progress=progress, indices=np.arange(n), mean=mean, std=std,
+                       image_size=image_size, num_workers=int(cfg.get("num_workers", 0)), device=device)
+    seconds = time.perf_counter() - t0
+    spread = float(np.asarray(emb[: min(len(emb), 4096)]).std(0).max())
+    if spread < 1e-3:
+        log.warning("the embeddings are (nearly) identical (largest per-dimension std %.1e): is backbone=%s "
+                    "untrained? Curation needs a trained backbone (weights=... or a geodino run directory)",
+                    spread, cfg.backbone)
+    meta = _source_meta(cfg, info)
+    if cfg.data.kind == "raster":
+        chips = [src.chip_index(i) for i in range(n)]
+        write_chip_list(out_dir / "items.txt", chips, meta)
+    else:
+        write_file_list(out_dir / "items.txt", src.files[:n], header=f"geodino file list: data={cfg.data.name}")
+    doc = {"n": int(emb.shape[0]), "dim": int(emb.shape[1]), "backbone": str(cfg.backbone),
+           "weights": None if cfg.get("weights") is None else str(cfg.weights), "mean": list(mean), "std": list(std),
+           "image_size": image_size, "seconds": round(seconds, 3), "torch_threads": torch.get_num_threads(),
+           **meta}
+    if cfg.data.kind == "raster":
+        doc["skipped_nodata_chips"] = int(src.skipped_nodata)
+    (out_dir / "embed.json").write_text(json.dumps(doc, indent=2))
+    log.info("embedded %d items (%d-d) in %.1f s -> %s", emb.shape[0], emb.shape[1], seconds, out_dir / "embeddings.npy")
+    return out_dir
+
+
+def _write_selection(out_dir: Path, name: str, selected: np.ndarray, meta: dict, files, chips) -> Path:
+    if chips is not None:
+        header = {k: meta[k] for k in ("data", "kind", "seed", "chip_size", "scale", "sensor", "bands", "files") if k in meta}
+        path = write_chip_list(out_dir / f"{name}.txt", chips[selected], header)
+        hint = f"data.chip_list={path}"
+    elif files is not None:
+        path = write_file_list(out_dir / f"{name}.txt", [files[i] for i in selected],
+                               header=f"geodino file list: {name} from data={meta.get('data')}")
+        hint = f"data.file_list={path}"
+    else:
+        path = out_dir / f"{name}_indices.txt"
+        path.write_text("\n".join(str(int(i)) for i in selected) + "\n")
+        hint = "(row indices into the embeddings)"
+    np.save(out_dir / f"{name}_indices.npy", np.asarray(selected, dtype=np.int64))
+    print(f"wrote {path} ({len(selected)} items)\nuse it with: {hint}")
+    return path
+
+
+def _pool(cfg, out_dir: Path, progress: bool):
+    if cfg.get("embeddings"):
+        return load_embeddings(cfg.embeddings)
+    run_embed(cfg, out_dir, progress)
+    return load_embeddings(out_dir)
+
+
+def run_balance(cfg, progress: bool = True) -> Path:
+    out_dir = _out_dir(cfg, "balance")
+    x, meta, files, chips = _pool(cfg, out_dir, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    levels: list[int] = []
+    for k in (int(k) for k in cfg.levels):  # a small pool gets fewer clusters, still shrinking per level
+        k = min(k, x.shape[0], levels[-1] - 1 if levels else x.shape[0])
+        if k >= 1:
+            levels.append(k)
+    if levels != [int(k) for k in cfg.levels]:
+        log.info("levels %s lowered to %s for a pool of %d items", list(cfg.levels), levels, x.shape[0])
+    t0 = time.perf_counter()
+    tree = hierarchical_kmeans(x, levels, n_resampling_steps=cfg.get("resampling_steps", 0),
+                               sample_size=cfg.get("resampling_size", 10), seed=int(cfg.seed), progress=progress,
+                               niter=int(cfg.get("kmeans_iters", 20)), init=str(cfg.get("kmeans_init", "random")),
+                               max_train_points=cfg.get("max_train_points"))
+    t1 = time.perf_counter()
+    selected = balanced_sample(tree, int(cfg.n_samples), strategy=str(cfg.get("strategy", "r")), seed=int(cfg.seed))
+    t2 = time.perf_counter()
+    tree.save(out_dir / "tree.npz")
+    top = tree.point_labels(tree.n_levels - 1)
+    before = np.bincount(top, minlength=levels[-1])
+    after = np.bincount(top[selected], minlength=levels[-1])
+    summary = {"n_pool": int(x.shape[0]), "n_selected": int(len(selected)), "levels": levels,
+               "kmeans_seconds": round(t1 - t0, 3), "sampling_seconds": round(t2 - t1, 3),
+               "top_level_sizes": before.tolist(), "top_level_selected": after.tolist(), "tree": tree.meta}
+    (out_dir / "balance.json").write_text(json.dumps(summary, indent=2))
+    log.info("balanced sampling: %d of %d items from %s clusters in %.1f s", len(selected), x.shape[0], levels, t2 - t0)
+    return _write_selection(out_dir, "balanced", selected, meta, files, chips)
+
+
+def run_retrieve(cfg, progress: bool = True) -> Path:
+    if not cfg.get("queries"):
+        raise DataError("action=retrieve needs queries=<embed output folder or .npy of the seed set> "
+                        "(embed the seed set with `geodino curate action=embed data=... out=...`)")
+    out_dir = _out_dir(cfg, "retrieve")
+    x, meta, files, chips = _pool(cfg, out_dir, progress)
+    q, _, _, _ = load_embeddings(cfg.queries)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    union = retrieve(x, q, k=int(cfg.get("k", 10)), index=str(cfg.get("index", "flat")), nlist=cfg.get("nlist"),
+                     nprobe=int(cfg.get("nprobe", 16)), progress=progress, seed=int(cfg.seed))
+    n_retrieved = len(union)
+    if cfg.get("dedup_threshold") is not None:
+        keep = deduplicate(x[union], float(cfg.dedup_threshold), progress=progress)
+        union = union[keep]
+    summary = {"n_pool": int(x.shape[0]), "n_queries": int(q.shape[0]), "k": int(cfg.get("k", 10)),
+               "index": str(cfg.get("index", "flat")), "n_retrieved": int(n_retrieved), "n_kept": int(len(union)),
+               "dedup_threshold": cfg.get("dedup_threshold"), "seconds": round(time.perf_counter() - t0, 3)}
+    (out_dir / "retrieve.json").write_text(json.dumps(summary, indent=2))
+    return _write_selection(out_dir, "retrieved", union, meta, files, chips)
+
+
+def run_dedup(cfg, progress: bool = True) -> Path:
+    out_dir = _out_dir(cfg, "dedup")
+    x, meta, files, chips = _pool(cfg, out_dir, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref = load_embeddings(cfg.queries)[0] if cfg.get("queries") else None
+    keep = deduplicate(x, float(cfg.get("dedup_threshold") or 0.95), reference=ref, progress=progress)
+    (out_dir / "dedup.json").write_text(json.dumps({"n_pool": int(x.shape[0]), "n_kept": int(len(keep))}, indent=2))
+    return _write_selection(out_dir, "deduplicated", keep, meta, files, chips)
+
+
+ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup")
+
+
+def run_curate(cfg):
+    """`geodino curate action=stats|embed|balance|retrieve|dedup ...` (see configs/curate.yaml)."""
+    setup_logging()
+    action = str(cfg.action)
+    if action not in ACTIONS:
+        raise GeodinoError(f"unknown action '{action}'; choose one of: {', '.join(ACTIONS)}")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+        faiss_module().omp_set_num_threads(int(cfg.threads))
+    progress = bool(cfg.get("progress", True))
+    if action == "stats":
+        return run_stats(cfg, progress)
+    if action == "embed":
+        out = run_embed(cfg, _out_dir(cfg, "embed"), progress)
+        print(f"wrote {out / 'embeddings.npy'} and {out / 'items.txt'}")
+        return out
+    if action == "balance":
+        return run_balance(cfg, progress)
+    if action == "retrieve":
+        return run_retrieve(cfg, progress)
+    return run_dedup(cfg, progress)
