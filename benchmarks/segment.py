@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +38,8 @@ def write_raster(path: Path, size: int, block: int = 512) -> float:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    from geodino.segment.synthetic import texture_scene
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' fake-scene builder
+    from fakes.synthetic import texture_scene
 
     t0 = time.perf_counter()
     img, _ = texture_scene(block, block, np.random.default_rng(0), n_regions=8)

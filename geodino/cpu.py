@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -26,15 +27,11 @@ log = logging.getLogger("geodino")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_applied: bool | None = None
 
 
+@functools.cache  # a process-wide setting: applied once, the answer remembered
 def keep_freed_memory() -> bool:
     """Keep large freed buffers mapped for reuse (glibc ``mallopt``); True when in effect. Idempotent."""
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -48,7 +45,6 @@ def keep_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     if not ok:
         log.debug("mallopt refused the allocator settings; CPU buffers are returned to the kernel as usual")
-    _applied = ok
     return ok
 
 

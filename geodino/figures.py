@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+
 def to_uint8_rgb(img: torch.Tensor, rgb: Sequence[int] | None) -> np.ndarray:
     """(C, H, W) float in [0, 1] -> (H, W, 3) uint8 with a 2-98 % stretch per channel."""
     idx = list(rgb) if rgb is not None else ([0, 1, 2] if img.shape[0] >= 3 else [0, 0, 0])

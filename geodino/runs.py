@@ -1,7 +1,6 @@
 """Run directories: one folder per run with the config snapshot, metrics as JSONL and checkpoints.
 
 Layout (the same for train, eval and segment)::
-
     <run_dir>/config.yaml        the composed config, as run
     <run_dir>/metrics.jsonl      one JSON object per logged step
     <run_dir>/checkpoints/       training checkpoints (see geodino.train.checkpoint)
@@ -18,6 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+from omegaconf import OmegaConf
+
 log = logging.getLogger("geodino")
 
 
@@ -31,8 +33,6 @@ def prepare_run_dir(run_dir: str | Path, cfg=None) -> Path:
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg is not None:
-        from omegaconf import OmegaConf
-
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     setup_logging(run_dir / "run.log")
     return run_dir
@@ -74,13 +74,8 @@ def setup_logging(path: Path | None = None, level: int = logging.INFO) -> None:
 
 
 def _jsonable(v: Any) -> Any:
-    try:
-        import torch
-
-        if isinstance(v, torch.Tensor):
-            v = v.detach().float().item() if v.numel() == 1 else v.detach().float().tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().item() if v.numel() == 1 else v.detach().float().tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     if isinstance(v, dict):

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from geodino.data.masking import MaskingGenerator, _Rng
+from geodino.data.masking import MaskingGenerator, MaskRng
 
 __all__ = ["collate_data_and_cast"]
 
@@ -84,7 +84,7 @@ def collate_data_and_cast(
         collated_local_crops = collated_global_crops.new_empty((0,) + tuple(collated_global_crops.shape[1:2]) + (0, 0))
     collated_gram = _stack_crop_major(dicts, "gram_teacher_crops")
 
-    rng = _Rng(random_state)
+    rng = MaskRng(random_state)
     if mask_generator is None:
         if n_tokens is None:
             raise ValueError("give n_tokens (patches per global crop) or a mask_generator")

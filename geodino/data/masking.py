@@ -25,7 +25,7 @@ import numpy as np
 __all__ = ["MaskingGenerator"]
 
 
-class _Rng:
+class MaskRng:
     """Uniform interface over the random sources accepted by :class:`MaskingGenerator`."""
 
     def __init__(self, rng: Any = None) -> None:
@@ -119,7 +119,7 @@ class MaskingGenerator:
         if max_aspect < min_aspect:
             raise ValueError(f"max_aspect={max_aspect} must be >= min_aspect={min_aspect}")
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
-        self._rng = _Rng(rng)
+        self._rng = MaskRng(rng)
 
     def __repr__(self) -> str:
         return (

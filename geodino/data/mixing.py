@@ -138,6 +138,18 @@ class MixedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return self.sources[self.plan.source_of(i)][int(i)]
 
+    def item_with_mask(self, i: int):
+        """Item `i` with its valid-pixel mask (geodino.data.stats), from its source."""
+        src = self.sources[self.plan.source_of(i)]
+        if hasattr(src, "item_with_mask"):
+            return src.item_with_mask(int(i))
+        x = src[int(i)]
+        return x, torch.ones(x.shape[1:], dtype=torch.bool)
+
+    def preview(self, size: int = 160, multiple: int = 16) -> torch.Tensor:
+        """The first source's preview image (for figures)."""
+        return next(iter(self.sources.values())).preview(size, multiple)
+
 
 def mix_sources(infos: Mapping[str, object], weights, batch_size: int, homogeneous_fraction: float = 0.0,
                 homogeneous_source: str | None = None, seed: int = 0, world_size: int = 1) -> MixedDataset:

@@ -7,7 +7,7 @@ reproduces the official DINOv3 reference tensors (``loss_*.pt``) to ~1e-6 relati
 from .centering import SoftmaxCentering, softmax_center
 from .dino import DINOLoss, dino_loss
 from .gram import GramLoss, gram_loss, resize_gram_teacher_tokens
-from .ibot import iBOTPatchLoss, ibot_loss, masks_weight_from_masks
+from .ibot import ibot_loss, iBOTPatchLoss, masks_weight_from_masks
 from .koleo import KoLeoLoss, KoLeoLossDistributed, koleo_loss, koleo_loss_distributed
 from .sinkhorn import sinkhorn_knopp
 

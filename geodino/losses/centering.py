@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .sinkhorn import _process_group
+from .sinkhorn import process_group_for
 
 __all__ = ["softmax_center", "SoftmaxCentering"]
 
@@ -52,7 +52,7 @@ class SoftmaxCentering(nn.Module):
         flat = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
         # sum and count travel in one message; fp64 keeps the count exact
         stats = torch.cat([flat.sum(dim=0).double(), flat.new_tensor([flat.shape[0]], dtype=torch.float64)])
-        group = _process_group(self.process_group)
+        group = process_group_for(self.process_group)
         handle = dist.all_reduce(stats, group=group, async_op=True) if group is not None else None
         self._pending = (stats, handle)
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather  # autograd-aware
 
-from .sinkhorn import _process_group
+from .sinkhorn import process_group_for
 
 __all__ = ["koleo_loss", "koleo_loss_distributed", "KoLeoLoss", "KoLeoLossDistributed"]
 
@@ -68,12 +69,10 @@ def koleo_loss_distributed(
     """
     if x.dim() != 2:
         raise ValueError(f"koleo_loss_distributed needs (B, D) features, got shape {tuple(x.shape)}")
-    group = _process_group(process_group)
+    group = process_group_for(process_group)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
         if group is not None:
-            from torch.distributed.nn.functional import all_gather  # autograd-aware
-
             gathered = torch.cat(all_gather(x, group=group), dim=0)
             offset = dist.get_rank(group) * x.shape[0]
         else:

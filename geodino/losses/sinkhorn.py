@@ -43,7 +43,7 @@ __all__ = ["sinkhorn_knopp"]
 LOCAL = "local"  # process_group=LOCAL: these rows alone, no collective even under torch.distributed
 
 
-def _process_group(process_group):
+def process_group_for(process_group):
     """The group to reduce over, or None when running in one process or asked for `LOCAL` (no collectives)."""
     if process_group == LOCAL:
         return None
@@ -103,7 +103,7 @@ def sinkhorn_knopp(
         raise ValueError(f"teacher_logits must be (samples, prototypes), got shape {tuple(teacher_logits.shape)}")
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
-    group = _process_group(process_group)
+    group = process_group_for(process_group)
 
     x = teacher_logits.detach().float() / teacher_temp  # a fresh fp32 tensor, safe to modify in place
     n_local, n_prototypes = x.shape

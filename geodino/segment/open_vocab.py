@@ -36,6 +36,8 @@ from geodino.contract import Contract
 from geodino.data.geotiff import default_scale, read_scaled
 from geodino.errors import DataError, GeodinoError
 from geodino.runtime import resolve_device
+from geodino.segment.tiling import blend_tiles
+from geodino.text.dinotxt import DinoTxt
 from geodino.text.io import load_dinotxt
 
 log = logging.getLogger("geodino")
@@ -142,8 +144,6 @@ class OpenVocabSegmenter:
     def __init__(self, model, contract: Contract, scale: float | None = None, device: str | torch.device = "cpu",
                  patch_features: str = "head", tile: int = 512, overlap: int = 64, blend: str = "linear",
                  info: dict | None = None):
-        from geodino.text.dinotxt import DinoTxt
-
         if not isinstance(model, DinoTxt):
             raise GeodinoError(f"OpenVocabSegmenter needs a dino.txt model, got {type(model).__name__}")
         if not model.cfg.use_patch_tokens:
@@ -347,7 +347,6 @@ class OpenVocabSegmenter:
             if probs_out is not None:
                 probs_out[:, y:y + lab.shape[0], x0:x0 + lab.shape[1]] = probs
 
-        from geodino.segment.tiling import blend_tiles
 
         stats = blend_tiles(H, W, int(tile or self.tile), int(self.overlap if overlap is None else overlap), read,
                             self.predictor(text), emit, blend=self.blend, progress=progress)

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from omegaconf import OmegaConf
 
 from geodino.data.geotiff import band_names, pick_bands, valid_mask

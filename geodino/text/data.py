@@ -30,9 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geodino.data.bands import select_bands
 from geodino.data.geotiff import band_names, default_scale, raster_bands, valid_mask
+from geodino.data.sources.folder import read_photo
 from geodino.data.stats import band_statistics
 from geodino.errors import DataError
+from geodino.text.dinotxt import get_tokenizer
 
 log = logging.getLogger("geodino")
 
@@ -138,8 +141,6 @@ class CaptionSource(torch.utils.data.Dataset):
         if first.suffix.lower() in RASTER_SUFFIXES:
             names, _ = raster_bands(first)
             if bands is not None:
-                from geodino.data.bands import select_bands
-
                 self.band_idx = select_bands(names, list(bands), where=str(first))
                 self.band_names = [names[i] for i in self.band_idx]
             else:
@@ -185,7 +186,6 @@ class CaptionSource(torch.utils.data.Dataset):
             return torch.from_numpy(x)
         if self.n_bands != 3:
             raise DataError(f"{path} is a photo (R, G, B) but the caption data has {self.n_bands} bands")
-        from geodino.data.sources.folder import read_photo
 
         return read_photo(path)
 
@@ -245,7 +245,6 @@ class CaptionAugment:
 
 def caption_collate(context_length: int = 77):
     """samples -> {"images": [B, C, S, S], "tokens": [B, context_length]} (CLIP BPE, open_clip)."""
-    from geodino.text.dinotxt import get_tokenizer
 
     tok = get_tokenizer(context_length)
 

@@ -25,20 +25,25 @@ is open_clip's symmetric ``ClipLoss`` on L2-normalised embeddings.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip import ClipLoss
+from open_clip.tokenizer import SimpleTokenizer, default_bpe
+from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
 from geodino.contract import Contract
 from geodino.errors import CheckpointError, GeodinoError
-from geodino.models.vit import dinov3_vit
+from geodino.models.vit import SelfAttentionBlock, SwiGLUFFN, dinov3_vit, init_weights_vit
 from geodino.models.weights import load_weights_into, read_state_dict
 
 __all__ = [
@@ -147,7 +152,6 @@ class VisionHead(nn.Module):
                  ffn_ratio: float = 4.0, use_class_token: bool = True, use_patch_tokens: bool = True,
                  use_linear_projection: bool = False) -> None:
         super().__init__()
-        from geodino.models.vit import SelfAttentionBlock, SwiGLUFFN
 
         norm = partial(nn.LayerNorm, eps=1e-5)
         self.blocks = nn.ModuleList(
@@ -171,8 +175,6 @@ class VisionHead(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        from geodino.models.vit import init_weights_vit
-
         for m in self.modules():
             init_weights_vit(m)
 
@@ -253,8 +255,6 @@ class VisionTower(nn.Module):
 def build_text_tower(cfg: DinoTxtConfig) -> nn.Module:
     """open_clip ``TextTransformer``: causal, argmax pooling, bias-free projection to ``embed_dim``; the attention
     ``in_proj_bias`` (absent from the official model) is zero and frozen."""
-    from open_clip.transformer import TextTransformer
-
     if cfg.vocab_size < 49408:
         raise GeodinoError(f"text vocab_size {cfg.vocab_size} is smaller than the CLIP BPE tokenizer's 49408 ids")
     if cfg.text_width % cfg.text_heads:
@@ -271,24 +271,15 @@ def build_text_tower(cfg: DinoTxtConfig) -> nn.Module:
     return tower
 
 
-_TOKENIZERS: dict[int, Any] = {}
-
-
-def get_tokenizer(context_length: int = 77):
-    """open_clip's CLIP BPE ``SimpleTokenizer`` (vocabulary file inside the open_clip wheel; nothing downloaded)."""
-    if context_length not in _TOKENIZERS:
-        from open_clip.tokenizer import SimpleTokenizer
-
-        _TOKENIZERS[context_length] = SimpleTokenizer(context_length=context_length)
-    return _TOKENIZERS[context_length]
+@functools.lru_cache(maxsize=8)
+def get_tokenizer(context_length: int = 77) -> SimpleTokenizer:
+    """open_clip's CLIP BPE ``SimpleTokenizer`` (vocabulary file inside the open_clip wheel; nothing downloaded),
+    built once per context length."""
+    return SimpleTokenizer(context_length=context_length)
 
 
 def tokenizer_settings(context_length: int = 77) -> dict:
     """What a checkpoint records about its tokenizer (rebuilt by :func:`get_tokenizer`)."""
-    import hashlib
-
-    from open_clip.tokenizer import default_bpe
-
     vocab = Path(default_bpe())
     digest = hashlib.sha256(vocab.read_bytes()).hexdigest() if vocab.is_file() else None
     return {"type": "open_clip.SimpleTokenizer", "vocab_file": vocab.name, "vocab_sha256": digest,
@@ -491,15 +482,7 @@ def native_to_official(sd: dict[str, Tensor], text_layers: int, include_backbone
 # ---------------------------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------------------------
-_CLIP_LOSS = None
-
-
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale_exp: Tensor) -> Tensor:
     """Symmetric InfoNCE on normalised features (open_clip ``ClipLoss``):
     ``mean_i -(2 s_ii - LSE_row_i - LSE_col_i) / 2`` with ``s = exp(logit_scale) î·t̂``."""
-    global _CLIP_LOSS
-    if _CLIP_LOSS is None:
-        from open_clip import ClipLoss
-
-        _CLIP_LOSS = ClipLoss()
-    return _CLIP_LOSS(image_features, text_features, logit_scale_exp.squeeze())
+    return ClipLoss()(image_features, text_features, logit_scale_exp.squeeze())

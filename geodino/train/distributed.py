@@ -46,6 +46,7 @@ one-process draw.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -55,6 +56,17 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geodino.errors import GeodinoError
 from geodino.runtime import resolve_device
@@ -267,8 +279,6 @@ class FSDP2Parallel(_DataParallel):
     sharded = True
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> float:
-        from torch.distributed.tensor import DTensor
-
         params = list(params)
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -278,13 +288,9 @@ class FSDP2Parallel(_DataParallel):
         return float(total)
 
     def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def full_state_dict(self, module: nn.Module) -> dict | None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         sd = get_model_state_dict(module, options=self._options())
         return sd if self.is_main else None
 
@@ -292,16 +298,12 @@ class FSDP2Parallel(_DataParallel):
         return self.full_state_dict(module)
 
     def optim_state_dict(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         by_name = get_optimizer_state_dict(module, optimizer, options=self._options())
         if not self.is_main:
             return None
         return _optim_names_to_ids(by_name, _param_names_in_optimizer_order(module, optimizer), optimizer)
 
     def load_state(self, module: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
         options = StateDictOptions(full_state_dict=True, strict=True)
         # load_state_dict-like strictness: the FSDP2 API reports unexpected keys only as a return value
         missing, unexpected = set_model_state_dict(module, model_sd, options=options)
@@ -383,8 +385,6 @@ def _cast_k_bias_buffers(module: nn.Module, dtype: torch.dtype) -> int:
 
 
 def _shard_tree(tree: nn.ModuleDict, mesh, mp_policy) -> None:
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     kw = {"mesh": mesh, "reshard_after_forward": True}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
@@ -423,8 +423,6 @@ def wrap_student(meta: nn.Module, mode: str = "ddp", param_dtype: torch.dtype | 
     student, teacher = meta.student, meta.teacher
 
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         if param_dtype is not None:
             log.warning("train.parallel=ddp ignores param_dtype=%s (use train.precision for autocast)", param_dtype)
         if find_unused_parameters is None:
@@ -434,7 +432,6 @@ def wrap_student(meta: nn.Module, mode: str = "ddp", param_dtype: torch.dtype | 
                 getattr(meta, "n_local", 1)) == 0
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         # buffers (k-bias masks, RoPE periods) are synced once at construction, not on every forward
-        import inspect
 
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                           else {"broadcast_buffers": False})
@@ -452,8 +449,6 @@ def wrap_student(meta: nn.Module, mode: str = "ddp", param_dtype: torch.dtype | 
                 dist.broadcast(tensor, src=0)
         return DDPParallel(info)
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     # Identical replicas before sharding: every rank then keeps its own slice of the same tensors.
     with torch.no_grad():
@@ -473,10 +468,6 @@ def wrap_student(meta: nn.Module, mode: str = "ddp", param_dtype: torch.dtype | 
 
 def local_tensors(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Each parameter's local shard (the tensor itself when not a DTensor), for in-place updates."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return list(params)
     return [p.to_local() if isinstance(p, DTensor) else p for p in params]
 
 

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from geodino import checkpoint as ckpt_io
+from geodino.data.collate import collate_data_and_cast
+from geodino.data.masking import MaskingGenerator
 from geodino.errors import GeodinoError
 from geodino.models.backbone import Backbone
 from geodino.runs import MetricsWriter
@@ -51,7 +53,6 @@ log = logging.getLogger("geodino")
 def param_groups(modules: dict[str, nn.Module], layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
     """The reference's parameter groups, built per student module and merged where (lr multiplier, wd
     multiplier, last-layer flag, backbone flag) agree (dinov3_spec.md §6):
-
     - a backbone (`geodino.models.Backbone`) that uses layer-wise decay gets ``d^(L+1−layer_id)``, and its patch
       embedding a further ``patch_embed_lr_mult``; other modules (heads) and ConvNeXt backbones get 1;
     - weight decay 0 for names ending in ``bias`` or containing ``norm`` or ``gamma`` (the learned tokens decay);
@@ -413,8 +414,6 @@ def collate_for(stage_cfg, n_tokens: int | None, world_size: int = 1, rank: int 
     """The batch collate. With ``world_size > 1`` the iBOT masks are drawn for the *global* batch (the
     same draws a one-process run of batch ``world_size × B`` makes from the same per-batch seed) and this
     rank's images' masks are sliced out (`geodino.train.distributed.rank_masks`)."""
-    from geodino.data.collate import collate_data_and_cast
-    from geodino.data.masking import MaskingGenerator
 
     fixed_side = None if n_tokens is None else int(round(math.sqrt(n_tokens)))
 

@@ -18,8 +18,13 @@ from geodino.checkpoint import latest_checkpoint
 from geodino.errors import GeodinoError
 from geodino.runs import default_run_dir, prepare_run_dir, setup_logging
 from geodino.runtime import verb_setup
-from geodino.train.distributed import (DistInfo, broadcast_object, destroy_distributed, init_distributed,
-                                       is_distributed_initialized)
+from geodino.train.distributed import (
+    DistInfo,
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+    is_distributed_initialized,
+)
 from geodino.train.loop import IndexedBatches, Trainer, seed_everything
 from geodino.train.stage import Stage, StageParts, stage_class
 

@@ -130,3 +130,39 @@ def test_mix_sources_from_build_source_results():
     b = b.with_stats([0.5, 0.5, 0.5], b.std)
     with pytest.raises(DataError, match="one normalisation"):
         mix_sources({"photos": a, "more": b}, [0.5, 0.5], batch_size=2)
+
+
+def test_data_mix_config_builds_a_plan_of_named_sources_with_one_normalisation():
+    """`data=mix`: sources named by base config plus overrides, weights by name, homogeneous batches from the
+    named source, one normalisation for every source; the batch layout comes from the trainer."""
+    from geodino import cli
+    from geodino.data.sources import build_source
+
+    cfg = cli.compose("train", ["data=mix", "data.homogeneous_fraction=0.5", "data.mean=[0.1]", "data.std=[0.2]",
+                                "+data.sources.wide.bands=[B04]", "+data.sources.close.bands=[B04]"])
+    with pytest.raises(DataError, match="batch_size"):
+        build_source(cfg.data, seed=3)
+    info = build_source(cfg.data, seed=3, batch_size=4, world_size=2)
+    mixed = info.source
+    assert info.band_names == ["B04"] and info.mean == [0.1] and info.std == [0.2]
+    assert mixed.sources["wide"].chip_size == 128 and mixed.sources["close"].chip_size == 64
+    homogeneous = [b for b in range(200) if mixed.plan.is_homogeneous(b)]
+    assert 60 < len(homogeneous) < 140  # ~ half of the batches
+    for b in homogeneous[:5]:
+        for rank in (0, 1):
+            assert mixed.plan.batch_sources(b, rank) == ["wide"] * 4
+            i = (b * 2 + rank) * 4  # first sample of that rank's slice (IndexedBatches numbering)
+            assert mixed[i].shape == (1, 128, 128)
+    other = [b for b in range(200) if not mixed.plan.is_homogeneous(b)]
+    seen = {s for b in other for s in mixed.plan.batch_sources(b, 0)}
+    assert seen == {"wide", "close"}
+
+
+def test_data_mix_refuses_sources_with_different_bands():
+    from geodino import cli
+    from geodino.data.sources import build_source
+
+    cfg = cli.compose("train", ["data=mix", "+data.sources.wide.bands=[B04]", "+data.sources.close.bands=[B03]",
+                                "data.mean=[0.1]", "data.std=[0.2]"])
+    with pytest.raises(DataError, match="close has bands B03 but wide has B04"):
+        build_source(cfg.data, batch_size=2)

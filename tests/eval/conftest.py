@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from eval_fakes import make_canopy, make_geobench_task, make_loveda
+from fakes.eval_fakes import make_canopy, make_geobench_task, make_loveda
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from eval_fakes import eval_argv, read_results
+from fakes.eval_fakes import eval_argv, read_results
 
 from geodino.testing import cli_error_lines
 from geodino import cli

@@ -8,7 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
-from eval_fakes import S2_BANDS, geobench_stubs, make_geobench_task
+from fakes.eval_fakes import S2_BANDS, geobench_stubs, make_geobench_task
 
 from geodino.errors import DataError
 from geodino.eval.safe_pickle import GeobenchRecord, UnsafePickleError, decode_attr_pickle, safe_loads

@@ -21,7 +21,7 @@ def seg4(micro4):
 
 @pytest.fixture(scope="module")
 def image4():
-    from geodino.segment.synthetic import texture_scene
+    from fakes.synthetic import texture_scene
 
     img, _ = texture_scene(70, 90, np.random.default_rng(0))  # not a multiple of the patch size
     return img  # (4, 70, 90) uint8
@@ -36,7 +36,7 @@ def test_lazy_export():
 
 
 def test_every_input_type_gives_the_same_result(seg4, image4, tmp_path):
-    from geodino.segment.synthetic import write_geotiff
+    from fakes.synthetic import write_geotiff
 
     ref = seg4.segment(image4, PROMPTS)
     assert ref.labels.shape == (70, 90) and ref.scores.shape == (70, 90) and ref.class_names == PROMPTS
@@ -107,7 +107,7 @@ def test_background_threshold_templates_and_tiles(seg4, image4):
 
 
 def test_bad_inputs_are_rejected_clearly(seg4, image4, tmp_path):
-    from geodino.segment.synthetic import write_geotiff
+    from fakes.synthetic import write_geotiff
 
     with pytest.raises(GeodinoError, match="at least one class prompt"):
         seg4.segment(image4, [])

@@ -84,7 +84,7 @@ def test_pending_memory_is_bounded_by_the_overlap_band():
 def _raster(path, h, w, nodata=0, crs="EPSG:32633"):
     from rasterio.transform import from_origin
 
-    from geodino.segment.synthetic import texture_scene
+    from fakes.synthetic import texture_scene
 
     img, _ = texture_scene(h, w, np.random.default_rng(3))
     img[:, :10, :10] = nodata
@@ -190,7 +190,7 @@ def test_6000px_raster_in_bounded_memory(micro4, tmp_path):
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    from geodino.segment.synthetic import texture_scene
+    from fakes.synthetic import texture_scene
 
     n = 6000
     src = tmp_path / "big.tif"

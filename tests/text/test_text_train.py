@@ -18,7 +18,7 @@ from geodino.train import loop
 
 @pytest.fixture(scope="module")
 def chips(tmp_path_factory):
-    from geodino.segment.synthetic import caption_chips
+    from fakes.synthetic import caption_chips
 
     return caption_chips(tmp_path_factory.mktemp("chips"), n=24, size=32, seed=1)
 
@@ -78,7 +78,7 @@ def test_caption_file_formats(tmp_path):
 def test_caption_source_reads_any_band_count_and_photos(tmp_path):
     from PIL import Image
 
-    from geodino.segment.synthetic import write_geotiff
+    from fakes.synthetic import write_geotiff
     from geodino.text.data import CaptionAugment, CaptionSource, read_caption_file
 
     rng = np.random.default_rng(0)
@@ -227,7 +227,7 @@ def test_short_alignment_run_segments_textures_well_above_chance(tmp_path):
     """Texture scenes with known truth; captions name what is in each chip; a frozen random `geodino_vit_tiny`,
     ~2 min on 2 CPU cores. Chance mIoU for 4 balanced classes labelled at random is 1/7 = 0.143."""
     from geodino.segment.open_vocab import OpenVocabSegmenter
-    from geodino.segment.synthetic import CLASSES, caption_chips, texture_scene
+    from fakes.synthetic import CLASSES, caption_chips, texture_scene
     from geodino.train.run import run_train
 
     captions = caption_chips(tmp_path / "chips", n=320, size=64, seed=0)

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from geodino.data.bands import select_bands
+from geodino.data.bands import select_bands, sensor_bands
 from geodino.data.geotiff import RASTER_SUFFIXES, raster_bands
 from geodino.errors import DataError
 
@@ -73,8 +73,6 @@ def sensor_dataset_class(sensor: str):
 
 
 def _sensor_band_names(sensor: str, cls) -> list[str]:
-    from geodino.data.bands import sensor_bands
-
     if cls.all_bands:
         return list(cls.all_bands)
     return [b.name for b in sensor_bands(sensor)]  # Landsat: torchgeo has no all_bands

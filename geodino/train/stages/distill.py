@@ -1,5 +1,4 @@
 """Multi-student distillation, the stage (``stage.meta_arch: distill``; dinov3_spec.md §7):
-
     geodino train stage=distill teacher=<pretrain / gram / highres run or checkpoint> students=[vit_tiny,convnext_tiny]
 
 The teacher is the EMA teacher backbone of the ``teacher=`` training checkpoint with its DINO and iBOT heads
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geodino.checkpoint import Checkpoint
 from geodino.config import model_configs
@@ -42,6 +42,7 @@ from geodino.errors import GeodinoError
 from geodino.models import build_backbone
 from geodino.models.heads import DINOHead
 from geodino.models.registry import arch_names, is_arch
+from geodino.models.weights import load_weights_into
 from geodino.train.distill import DistillMetaArch
 from geodino.train.distributed import DDPParallel, ForwardFeatures, Parallel
 from geodino.train.loop import AugmentedDataset, TrainSettings, collate_for
@@ -173,7 +174,6 @@ def teacher_head_cfg(ckpt: Checkpoint) -> dict[str, dict]:
 
 def teacher_from_checkpoint(ckpt: Checkpoint) -> nn.ModuleDict:
     """{backbone, dino_head, ibot_head} of the checkpoint's EMA teacher, frozen and in eval mode."""
-    from geodino.models.weights import load_weights_into
 
     backbone = backbone_from_checkpoint(ckpt, "teacher")
     mods = {"backbone": backbone}
@@ -207,8 +207,6 @@ def wrap_students(meta: DistillMetaArch, mode: str, info) -> Parallel:
     if mode != "ddp":
         raise GeodinoError(f"stage=distill supports train.parallel=ddp only (got {mode}); every rank holds every "
                            "student and the teacher")
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     calls = {}
     for key, module in meta.student_modules().items():
@@ -240,7 +238,8 @@ class DistillStage(Stage):
         tcontract = ckpt.contract
         mapping = resolve_band_mapping(cfg.stage.get("band_mapping"), tcontract.bands, list(specs))
         # no band statistics: the teacher's normalisation is used
-        info = build_source(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress), stats=False)
+        info = build_source(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress), stats=False,
+                            batch_size=int(cfg.train.batch_size), world_size=self.dist.world_size)
         check_data_bands(str(cfg.data.name), info.band_names, str(teacher_path), tcontract.bands)
         info = info.with_stats(tcontract.mean, tcontract.std)
         heads = teacher_head_cfg(ckpt)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -44,7 +45,8 @@ HEAD_KEYS = ("head_n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "hea
 class SSLStage(Stage):
     def build(self) -> StageParts:
         cfg = self.cfg
-        info = build_source(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress))
+        info = build_source(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress),
+                            batch_size=int(cfg.train.batch_size), world_size=self.dist.world_size)
         init = cfg.get("init")
         predecessors = list(cfg.stage.get("predecessors") or [])
         stage_overrides: dict = {}
@@ -184,8 +186,6 @@ class SSLStage(Stage):
         return AugmentedDataset(info.source, augment, seed=int(self.cfg.seed)), (int(crops.global_crops_size) // patch) ** 2
 
     def _parallel(self, meta: nn.Module):
-        import torch
-
         mode = str(self.cfg.train.get("parallel", "ddp"))
         precision = str(self.cfg.train.precision)
         bf16 = precision == "bf16" or (precision == "auto" and self.dist.device.type == "cuda")
