@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from geodino.config import configs_dir
+from geodino.config import config_dirs, configs_dir, group_files, user_config_dirs
 from geodino.errors import GeodinoError
 
 VERBS: dict[str, str] = {
@@ -37,13 +37,8 @@ class CLIError(Exception):
 
 
 def config_groups(verb: str) -> dict[str, list[str]]:
-    """Config groups used by a verb's primary config, with their options (sorted)."""
-    root = configs_dir()
-    groups: dict[str, list[str]] = {}
-    for group in _groups_of(verb):
-        folder = root / group
-        groups[group] = sorted(p.stem for p in folder.glob("*.yaml"))
-    return groups
+    """Config groups used by a verb's primary config, with their options (sorted; $GEODINO_CONFIG_PATH included)."""
+    return {group: sorted(group_files(group)) for group in _groups_of(verb)}
 
 
 def _groups_of(verb: str) -> list[str]:
@@ -121,12 +116,11 @@ def _example(verb: str) -> str:
 def validate_overrides(verb: str, overrides: Sequence[str]) -> None:
     """Check group selections before Hydra sees them, so errors are one line with the choices."""
     groups = config_groups(verb)
-    root = configs_dir()
     for ov in overrides:
         key, _, value = ov.partition("=")
         key = key.lstrip("+~")
-        if key in groups or (root / key).is_dir() and key not in ("__pycache__",):
-            options = groups.get(key) or sorted(p.stem for p in (root / key).glob("*.yaml"))
+        if key in groups or any((root / key).is_dir() for root in config_dirs()) and key not in ("__pycache__",):
+            options = groups.get(key) or sorted(group_files(key))
             if value not in options:
                 raise CLIError(
                     f"geodino {verb}: unknown {key} '{value}'; choose one of: {', '.join(options)}"
@@ -144,8 +138,10 @@ def compose(verb: str, overrides: Sequence[str]):
     validate_overrides(verb, overrides)
     GlobalHydra.instance().clear()
     try:
+        user = [f"file://{d.resolve()}" for d in user_config_dirs()]
+        search = [f"hydra.searchpath=[{','.join(user)}]"] if user else []
         with initialize_config_module(config_module="geodino.configs", version_base="1.3"):
-            cfg = hydra_compose(config_name=verb, overrides=list(overrides))
+            cfg = hydra_compose(config_name=verb, overrides=[*search, *overrides])
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise CLIError(f"geodino {verb}: {_one_line_hydra_error(verb, e)}") from None
     finally:
