@@ -1,8 +1,9 @@
 """`geodino curate action=stats|embed|balance|retrieve|dedup ...`: data curation on the command line.
 
-Orchestration only: band statistics come from geodino.data.stats, embeddings, clustering, balanced sampling,
-retrieval and deduplication from geodino.data.curation, the backbone from geodino.models, item lists from
-geodino.data.lists. Outputs go to ``out=`` (default ``outputs/curate/<action>/<time>``):
+Orchestration only: band statistics come from geodino.data.stats; embeddings and the embed output format from
+geodino.data.curation.embed, clustering from .kmeans, balanced sampling from .sampling, retrieval and deduplication
+from .search; the backbone from geodino.models, item lists from geodino.data.lists. Outputs go to ``out=`` (default
+``outputs/curate/<action>/<time>``):
 
 - ``stats``: ``band_stats.json`` (next to the data, or ``out=``), for ``data.stats_file=``;
 - ``embed``: ``embeddings.npy`` (memmap), ``items.txt`` (a chip or file list) and ``embed.json``;
@@ -17,14 +18,17 @@ import logging
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
-from geodino.data.curation import (STATS_FORMAT, balanced_sample, deduplicate, embed_source, faiss_module,
-                                   hierarchical_kmeans, load_embeddings, retrieve)
+from geodino.data.curation.embed import embed_source, load_embeddings
+from geodino.data.curation.kmeans import hierarchical_kmeans
+from geodino.data.curation.sampling import balanced_sample
+from geodino.data.curation.search import deduplicate, retrieve
 from geodino.data.lists import write_chip_list, write_file_list
 from geodino.data.sources import build_source
-from geodino.data.stats import band_statistics
+from geodino.data.stats import STATS_FORMAT, band_statistics
 from geodino.errors import DataError, GeodinoError
 from geodino.models import load_backbone
 from geodino.models.registry import is_arch
@@ -230,7 +234,7 @@ def run_curate(cfg):
         raise GeodinoError(f"unknown action '{action}'; choose one of: {', '.join(ACTIONS)}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-        faiss_module().omp_set_num_threads(int(cfg.threads))
+        faiss.omp_set_num_threads(int(cfg.threads))
     progress = bool(cfg.get("progress", True))
     if action == "stats":
         return run_stats(cfg, progress)

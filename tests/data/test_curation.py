@@ -11,6 +11,7 @@ import torch
 
 from geodino.data import curation as cur
 from geodino.data import lists
+from geodino.data.stats import STATS_FORMAT
 
 BLOB_SIZES = [10, 20, 40, 80, 160, 320, 640, 1280]
 
@@ -247,7 +248,7 @@ def test_cli_stats_on_the_packaged_sample_writes_stats(tmp_path, capsys):
 
     assert cli.main(["curate", "action=stats", f"out={tmp_path}", "stats_chips=6", "progress=false"]) == 0
     doc = json.loads((tmp_path / "band_stats.json").read_text())
-    assert doc["format"] == cur.STATS_FORMAT
+    assert doc["format"] == STATS_FORMAT
     assert doc["bands"][:4] == ["B01", "B02", "B03", "B04"] and len(doc["bands"]) == 13
     assert len(doc["mean"]) == len(doc["std"]) == 13
     assert all(0 < m < 1 for m in doc["mean"]) and all(s > 0 for s in doc["std"])
