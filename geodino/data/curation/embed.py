@@ -1,7 +1,7 @@
 """Embedding a pool for curation, and the embed-output format.
 
 `embed_source` runs a backbone over a data source and returns L2-normalised CLS embeddings
-streamed to a disk-backed ``.npy``
+(``forward_features(x)["x_norm_clstoken"]``), streamed to a disk-backed ``.npy``
 (``np.lib.format.open_memmap``) so pools larger than memory work (Vo et al. 2024, arXiv 2405.15613:
 curation works on SSL embeddings of the pool).
 
@@ -67,13 +67,6 @@ def _stack_same_size(xs):
     return torch.stack(xs)
 
 
-def _cls_embedding(backbone, x):
-    out = backbone.forward_features(x) if hasattr(backbone, "forward_features") else backbone(x)
-    if isinstance(out, dict):
-        out = out["x_norm_clstoken"]
-    return out
-
-
 def embed_source(backbone, source, batch_size: int = 64, out_path: str | Path | None = None, progress: bool = False,
                  *, indices: Sequence[int] | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, image_size: int | None = None, num_workers: int = 0,
@@ -84,6 +77,8 @@ def embed_source(backbone, source, batch_size: int = 64, out_path: str | Path | 
     renamed when complete) and the returned array is that file opened read-only with
     ``mmap_mode='r'``; otherwise an in-memory array. Images are normalised with `mean`/`std` and, if
     `image_size` is set (or sizes vary), resized (short side) and centre-cropped to a square.
+    `backbone` follows the geodino backbone protocol (geodino.models.backbone): ``token_stride`` and
+    ``forward_features(x)["x_norm_clstoken"]``; it is passed in, never imported (data sits below models).
     """
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     n = len(indices)
@@ -107,7 +102,8 @@ def embed_source(backbone, source, batch_size: int = 64, out_path: str | Path | 
         for x in tqdm(loader, desc="embedding", total=len(loader), disable=not progress):
             if mean_t is not None:
                 x = (x - mean_t) / std_t
-            e = F.normalize(_cls_embedding(backbone, x.to(device)).float(), dim=-1).cpu().numpy()
+            cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]
+            e = F.normalize(cls.float(), dim=-1).cpu().numpy()
             if out is None:
                 shape = (n, e.shape[1])
                 out = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
