@@ -232,6 +232,41 @@ def test_embed_source_streams_normalised_cls_embeddings_to_a_memmap(tmp_path):
     np.testing.assert_allclose(sub, ref[[7, 2]], atol=1e-5)
 
 
+def test_embed_output_round_trip_with_file_and_chip_lists(tmp_path):
+    x = cur.l2_normalize(np.random.default_rng(0).normal(size=(3, 8)))
+    files = [tmp_path / f"img{i}.png" for i in range(3)]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    np.save(photos / "embeddings.npy", x)
+    cur.write_embed_meta(photos, {"kind": "folder", "data": "nat"}, files=files, file_header="a header")
+    emb, meta, got_files, chips = cur.load_embeddings(photos)
+    np.testing.assert_array_equal(emb, x)
+    assert meta == {"kind": "folder", "data": "nat"} and chips is None
+    assert got_files == [str(f.resolve()) for f in files]
+
+    rasters = tmp_path / "rasters"
+    rasters.mkdir()
+    np.save(rasters / "embeddings.npy", x)
+    cur.write_embed_meta(rasters, {"kind": "raster", "n": 3}, chips=[4, 0, 7], chip_header={"seed": 5, "chip_size": 32})
+    emb, meta, got_files, chips = cur.load_embeddings(rasters)
+    assert chips.tolist() == [4, 0, 7] and got_files is None
+    assert meta["seed"] == 5 and meta["chip_size"] == 32 and meta["n"] == 3 and meta["kind"] == "raster"
+    # a bare .npy: embeddings only
+    emb, meta, got_files, chips = cur.load_embeddings(rasters / "embeddings.npy")
+    assert emb.shape == (3, 8) and meta == {} and got_files is None and chips is None
+
+
+def test_embed_output_errors_name_the_offending_path(tmp_path):
+    with pytest.raises(Exception, match="holds no embeddings.npy"):
+        cur.load_embeddings(tmp_path)
+    with pytest.raises(Exception, match="neither an embed output folder nor a .npy file"):
+        cur.load_embeddings(tmp_path / "missing.npy")
+    with pytest.raises(ValueError, match="needs kind 'raster'"):
+        cur.write_embed_meta(tmp_path, {"kind": "folder"}, chips=[1])
+    with pytest.raises(ValueError, match="either chips"):
+        cur.write_embed_meta(tmp_path, {"kind": "raster"})
+
+
 def test_chip_list_round_trip_and_errors(tmp_path):
     p = lists.write_chip_list(tmp_path / "c.txt", [5, 1, 9], {"seed": 3, "chip_size": 64, "bands": ["B02", "B03"]})
     chips, meta = lists.read_chip_list(p)

@@ -6,8 +6,8 @@ Learning", arXiv 2405.15613) on top of faiss; no code of facebookresearch/ssl-da
 
 1. **Embed** the pool with a backbone (`embed`): L2-normalised CLS embeddings, streamed to a
    disk-backed ``.npy`` (``np.lib.format.open_memmap``) so pools larger than memory work
-   (`embed_source`); `load_embeddings` reads an embed output folder (``embeddings.npy``, ``items.txt``,
-   ``embed.json``) back.
+   (`embed_source`); the embed output folder (``embeddings.npy``, ``items.txt``, ``embed.json``) is
+   written with `write_embed_meta` and read back with `load_embeddings`.
 2. **Hierarchical k-means with resampling** (`kmeans`, `hierarchical_kmeans`): level 1 clusters the
    points, level l+1 clusters the centroids of level l. At each level, after a first k-means, r times:
    take the s points nearest each centroid, rerun k-means on that more even subset (warm-started from
@@ -35,7 +35,7 @@ command line (``geodino curate action=stats|embed|balance|retrieve|dedup``) in g
 """
 
 from geodino.data.curation.arrays import l2_normalize
-from geodino.data.curation.embed import embed_source, load_embeddings
+from geodino.data.curation.embed import embed_source, load_embeddings, write_embed_meta
 from geodino.data.curation.kmeans import (ClusterTree, assign, hierarchical_kmeans, kmeans_plusplus,
                                           nearest_per_cluster, resampled_kmeans)
 from geodino.data.curation.sampling import balanced_sample, water_fill
@@ -44,5 +44,5 @@ from geodino.data.curation.search import deduplicate, retrieve
 __all__ = [
     "ClusterTree", "assign", "balanced_sample", "deduplicate", "embed_source", "hierarchical_kmeans",
     "kmeans_plusplus", "l2_normalize", "load_embeddings", "nearest_per_cluster", "resampled_kmeans", "retrieve",
-    "water_fill",
+    "water_fill", "write_embed_meta",
 ]

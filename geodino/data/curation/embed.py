@@ -5,7 +5,8 @@
 (``np.lib.format.open_memmap``) so pools larger than memory work (Vo et al. 2024, arXiv 2405.15613:
 curation works on SSL embeddings of the pool).
 
-An embed output folder (written by ``geodino curate action=embed``, read back by `load_embeddings`) holds
+An embed output folder (this module owns its format: `embed_source` writes ``embeddings.npy``,
+`write_embed_meta` the rest, `load_embeddings` reads it back; ``geodino curate action=embed`` makes one) holds
 
 - ``embeddings.npy``: (N, d) float32, row i the embedding of item i;
 - ``items.txt``: the items, a chip list (raster sources) or a file list (image folders), formats in
@@ -25,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from geodino.data.lists import read_chip_list
+from geodino.data.lists import read_chip_list, read_file_list, write_chip_list, write_file_list
 from geodino.errors import DataError
+
+EMBEDDINGS_FILE = "embeddings.npy"
+ITEMS_FILE = "items.txt"
+META_FILE = "embed.json"
 
 
 class _EmbedView:
@@ -118,23 +123,42 @@ def embed_source(backbone, source, batch_size: int = 64, out_path: str | Path | 
     return np.load(out_path, mmap_mode="r")
 
 
+def write_embed_meta(out_dir: str | Path, doc: dict, *, chips: Sequence[int] | None = None,
+                     chip_header: dict | None = None, files: Sequence[str | Path] | None = None,
+                     file_header: str = "") -> Path:
+    """Complete an embed output folder beside its ``embeddings.npy``: ``items.txt``, a chip list of `chips` (with
+    `chip_header`; `doc` must then say ``kind: raster``) or a file list of `files`, and ``embed.json`` (`doc`)."""
+    out_dir = Path(out_dir)
+    if (chips is None) == (files is None):
+        raise ValueError("an embed output lists either chips (raster sources) or files (image folders)")
+    if chips is not None:
+        if doc.get("kind") != "raster":
+            raise ValueError(f"an embed output with a chip list needs kind 'raster' in embed.json, "
+                             f"got {doc.get('kind')!r}")
+        write_chip_list(out_dir / ITEMS_FILE, chips, dict(chip_header or {}))
+    else:
+        write_file_list(out_dir / ITEMS_FILE, files, header=file_header)
+    (out_dir / META_FILE).write_text(json.dumps(doc, indent=2))
+    return out_dir
+
+
 def load_embeddings(path: str | Path) -> tuple[np.ndarray, dict, list[str] | None, np.ndarray | None]:
     """(embeddings memmap, embed.json dict, file list or None, chip indices or None) of an embed output
     folder, or of a bare ``.npy`` file (then no items)."""
     path = Path(str(path)).expanduser()
     if path.is_dir():
-        npy = path / "embeddings.npy"
+        npy = path / EMBEDDINGS_FILE
         if not npy.is_file():
-            raise DataError(f"{path} holds no embeddings.npy; run `geodino curate action=embed out={path}` first")
-        meta = json.loads((path / "embed.json").read_text()) if (path / "embed.json").is_file() else {}
+            raise DataError(f"{path} holds no {EMBEDDINGS_FILE}; run `geodino curate action=embed out={path}` first")
+        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
         files = chips = None
-        items = path / "items.txt"
+        items = path / ITEMS_FILE
         if items.is_file():
             if meta.get("kind") == "raster":
                 chips, header = read_chip_list(items)
                 meta = {**header, **meta}
             else:
-                files = [l.strip() for l in items.read_text().splitlines() if l.strip() and not l.startswith("#")]
+                files = [str(f) for f in read_file_list(items)]
         return np.load(npy, mmap_mode="r"), meta, files, chips
     if path.suffix == ".npy" and path.is_file():
         return np.load(path, mmap_mode="r"), {}, None, None
