@@ -16,6 +16,8 @@ import torch
 
 from geodino.errors import DataError
 
+STATS_FORMAT = "geodino band stats v1"  # the "format" of a band_stats.json (`geodino curate action=stats`)
+
 
 def band_statistics(source, n: int = 64, progress: bool = False, info: dict | None = None,
                     indices: Sequence[int] | None = None) -> tuple[list[float], list[float]]:

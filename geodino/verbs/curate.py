@@ -1,8 +1,9 @@
 """`geodino curate action=stats|embed|balance|retrieve|dedup ...`: data curation on the command line.
 
-Orchestration only: band statistics come from geodino.data.stats, embeddings, clustering, balanced sampling,
-retrieval and deduplication from geodino.data.curation, the backbone from geodino.models, item lists from
-geodino.data.lists. Outputs go to ``out=`` (default ``outputs/curate/<action>/<time>``):
+Orchestration only: band statistics come from geodino.data.stats; embeddings and the embed output format from
+geodino.data.curation.embed, clustering from .kmeans, balanced sampling from .sampling, retrieval and deduplication
+from .search; the backbone from geodino.models, item lists from geodino.data.lists. Outputs go to ``out=`` (default
+``outputs/curate/<action>/<time>``):
 
 - ``stats``: ``band_stats.json`` (next to the data, or ``out=``), for ``data.stats_file=``;
 - ``embed``: ``embeddings.npy`` (memmap), ``items.txt`` (a chip or file list) and ``embed.json``;
@@ -17,14 +18,17 @@ import logging
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
-from geodino.data.curation import (STATS_FORMAT, balanced_sample, deduplicate, embed_source, faiss_module,
-                                   hierarchical_kmeans, load_embeddings, retrieve)
+from geodino.data.curation.embed import EMBEDDINGS_FILE, ITEMS_FILE, embed_source, load_embeddings, write_embed_meta
+from geodino.data.curation.kmeans import hierarchical_kmeans
+from geodino.data.curation.sampling import balanced_sample
+from geodino.data.curation.search import deduplicate, retrieve
 from geodino.data.lists import write_chip_list, write_file_list
 from geodino.data.sources import build_source
-from geodino.data.stats import band_statistics
+from geodino.data.stats import STATS_FORMAT, band_statistics
 from geodino.errors import DataError, GeodinoError
 from geodino.models import load_backbone
 from geodino.models.registry import is_arch
@@ -82,7 +86,7 @@ def _out_dir(cfg, action: str) -> Path:
 
 
 def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
-    """Embed `data=` into out_dir/embeddings.npy (+ items.txt, embed.json). Returns out_dir."""
+    """Embed `data=` into an embed output folder `out_dir` (format in geodino.data.curation.embed). Returns out_dir."""
     info = build_source(cfg.data, seed=int(cfg.seed), progress=progress)
     src = info.source
     if cfg.data.kind == "raster":
@@ -105,7 +109,7 @@ def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
         image_size = 224  # photos come in every size
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    emb = embed_source(backbone, src, batch_size=int(cfg.get("batch_size", 64)), out_path=out_dir / "embeddings.npy",
+    emb = embed_source(backbone, src, batch_size=int(cfg.get("batch_size", 64)), out_path=out_dir / EMBEDDINGS_FILE,
                        progress=progress, indices=np.arange(n), mean=mean, std=std,
                        image_size=image_size, num_workers=int(cfg.get("num_workers", 0)), device=device)
     seconds = time.perf_counter() - t0
@@ -115,19 +119,16 @@ def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
                     "untrained? Curation needs a trained backbone (weights=... or a geodino run directory)",
                     spread, cfg.backbone)
     meta = _source_meta(cfg, info)
-    if cfg.data.kind == "raster":
-        chips = [src.chip_index(i) for i in range(n)]
-        write_chip_list(out_dir / "items.txt", chips, meta)
-    else:
-        write_file_list(out_dir / "items.txt", src.files[:n], header=f"geodino file list: data={cfg.data.name}")
     doc = {"n": int(emb.shape[0]), "dim": int(emb.shape[1]), "backbone": str(cfg.backbone),
            "weights": None if cfg.get("weights") is None else str(cfg.weights), "mean": list(mean), "std": list(std),
            "image_size": image_size, "seconds": round(seconds, 3), "torch_threads": torch.get_num_threads(),
            **meta}
     if cfg.data.kind == "raster":
         doc["skipped_nodata_chips"] = int(src.skipped_nodata)
-    (out_dir / "embed.json").write_text(json.dumps(doc, indent=2))
-    log.info("embedded %d items (%d-d) in %.1f s -> %s", emb.shape[0], emb.shape[1], seconds, out_dir / "embeddings.npy")
+        write_embed_meta(out_dir, doc, chips=[src.chip_index(i) for i in range(n)], chip_header=meta)
+    else:
+        write_embed_meta(out_dir, doc, files=src.files[:n], file_header=f"geodino file list: data={cfg.data.name}")
+    log.info("embedded %d items (%d-d) in %.1f s -> %s", emb.shape[0], emb.shape[1], seconds, out_dir / EMBEDDINGS_FILE)
     return out_dir
 
 
@@ -230,13 +231,13 @@ def run_curate(cfg):
         raise GeodinoError(f"unknown action '{action}'; choose one of: {', '.join(ACTIONS)}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-        faiss_module().omp_set_num_threads(int(cfg.threads))
+        faiss.omp_set_num_threads(int(cfg.threads))
     progress = bool(cfg.get("progress", True))
     if action == "stats":
         return run_stats(cfg, progress)
     if action == "embed":
         out = run_embed(cfg, _out_dir(cfg, "embed"), progress)
-        print(f"wrote {out / 'embeddings.npy'} and {out / 'items.txt'}")
+        print(f"wrote {out / EMBEDDINGS_FILE} and {out / ITEMS_FILE}")
         return out
     if action == "balance":
         return run_balance(cfg, progress)

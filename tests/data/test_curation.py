@@ -1,31 +1,17 @@
-"""Curation: resampled hierarchical k-means, balanced sampling (water-filling), retrieval, dedup,
-streaming embeddings, item lists and the `geodino curate` verb."""
+"""Curation (geodino.data.curation): resampled hierarchical k-means, balanced sampling (water-filling), retrieval,
+dedup, streaming embeddings and the embed output format.
+
+Item lists: tests/data/test_lists.py; the `geodino curate` verb: tests/cli/test_curate.py."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from geodino.data import curation as cur
-from geodino.data import lists
 
 BLOB_SIZES = [10, 20, 40, 80, 160, 320, 640, 1280]
-
-
-@pytest.fixture(autouse=True)
-def _restore_geodino_logging():
-    """The CLI attaches a stream handler bound to the (captured) stderr of the test that created it."""
-    import logging
-
-    logger = logging.getLogger("geodino")
-    before = list(logger.handlers)
-    yield
-    for h in list(logger.handlers):
-        if h not in before:
-            logger.removeHandler(h)
 
 
 def blobs(sizes=BLOB_SIZES, d=32, spread=0.005, seed=0):
@@ -231,85 +217,36 @@ def test_embed_source_streams_normalised_cls_embeddings_to_a_memmap(tmp_path):
     np.testing.assert_allclose(sub, ref[[7, 2]], atol=1e-5)
 
 
-def test_chip_list_round_trip_and_errors(tmp_path):
-    p = lists.write_chip_list(tmp_path / "c.txt", [5, 1, 9], {"seed": 3, "chip_size": 64, "bands": ["B02", "B03"]})
-    chips, meta = lists.read_chip_list(p)
-    assert chips.tolist() == [5, 1, 9]
-    assert meta["seed"] == 3 and meta["chip_size"] == 64 and meta["bands"] == ["B02", "B03"]
-    (tmp_path / "bad.txt").write_text("# seed: 1\n4\nnope\n")
-    with pytest.raises(Exception, match="bad.txt:3: 'nope' is not a chip index"):
-        lists.read_chip_list(tmp_path / "bad.txt")
+def test_embed_output_round_trip_with_file_and_chip_lists(tmp_path):
+    x = cur.l2_normalize(np.random.default_rng(0).normal(size=(3, 8)))
+    files = [tmp_path / f"img{i}.png" for i in range(3)]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    np.save(photos / "embeddings.npy", x)
+    cur.write_embed_meta(photos, {"kind": "folder", "data": "nat"}, files=files, file_header="a header")
+    emb, meta, got_files, chips = cur.load_embeddings(photos)
+    np.testing.assert_array_equal(emb, x)
+    assert meta == {"kind": "folder", "data": "nat"} and chips is None
+    assert got_files == [str(f.resolve()) for f in files]
+
+    rasters = tmp_path / "rasters"
+    rasters.mkdir()
+    np.save(rasters / "embeddings.npy", x)
+    cur.write_embed_meta(rasters, {"kind": "raster", "n": 3}, chips=[4, 0, 7], chip_header={"seed": 5, "chip_size": 32})
+    emb, meta, got_files, chips = cur.load_embeddings(rasters)
+    assert chips.tolist() == [4, 0, 7] and got_files is None
+    assert meta["seed"] == 5 and meta["chip_size"] == 32 and meta["n"] == 3 and meta["kind"] == "raster"
+    # a bare .npy: embeddings only
+    emb, meta, got_files, chips = cur.load_embeddings(rasters / "embeddings.npy")
+    assert emb.shape == (3, 8) and meta == {} and got_files is None and chips is None
 
 
-def test_cli_stats_on_the_packaged_sample_writes_stats(tmp_path, capsys):
-    from geodino import cli
-    from geodino.data.sources import build_source
-
-    assert cli.main(["curate", "action=stats", f"out={tmp_path}", "stats_chips=6", "progress=false"]) == 0
-    doc = json.loads((tmp_path / "band_stats.json").read_text())
-    assert doc["format"] == cur.STATS_FORMAT
-    assert doc["bands"][:4] == ["B01", "B02", "B03", "B04"] and len(doc["bands"]) == 13
-    assert len(doc["mean"]) == len(doc["std"]) == 13
-    assert all(0 < m < 1 for m in doc["mean"]) and all(s > 0 for s in doc["std"])
-    assert doc["items"] == 6 and doc["pixels"] == 6 * 96 * 96 and doc["scale"] == 10000.0
-    assert "data.stats_file=" in capsys.readouterr().out
-    # a data= config can point at it (bands matched by name)
-    cfg = cli.compose("train", ["data=sample_sat", f"data.stats_file={tmp_path / 'band_stats.json'}",
-                                "data.bands=[B04,B03,B02]"])
-    info = build_source(cfg.data)
-    assert info.mean == [doc["mean"][3], doc["mean"][2], doc["mean"][1]]
-    assert info.std == [doc["std"][3], doc["std"][2], doc["std"][1]]
-
-
-def test_cli_balance_and_retrieve_write_lists_that_data_configs_accept(tmp_path):
-    from geodino import cli
-    from geodino.data.sources import build_source
-
-    common = ["progress=false", "image_size=32", "batch_size=8"]
-    # photos -> file list
-    assert cli.main(["curate", "action=balance", "data=sample_nat", f"out={tmp_path / 'nat'}", "n_samples=3",
-                     "levels=[3]", *common]) == 0
-    listed = (tmp_path / "nat" / "balanced.txt").read_text().split("\n")
-    files = [l for l in listed if l and not l.startswith("#")]
-    assert len(files) == 3
-    cfg = cli.compose("train", ["data=sample_nat", f"data.file_list={tmp_path / 'nat' / 'balanced.txt'}"])
-    assert [str(f) for f in build_source(cfg.data).source.files] == files
-
-    # raster chips -> chip list; embed once, balance and retrieve from the saved embeddings
-    emb = tmp_path / "pool"
-    band_cfg = ["data=sample_sat", "data.mean=[0.1,0.1,0.1]", "data.std=[0.1,0.1,0.1]", "data.bands=[B04,B03,B02]",
-                "data.chip_size=32"]
-    assert cli.main(["curate", "action=embed", *band_cfg, "pool_size=24", f"out={emb}", *common]) == 0
-    assert np.load(emb / "embeddings.npy").shape == (24, 96)
-    assert cli.main(["curate", "action=balance", f"embeddings={emb}", f"out={tmp_path / 'bal'}", "n_samples=6",
-                     "levels=[4]", "resampling_steps=1", "resampling_size=2", *common]) == 0
-    chips, meta = lists.read_chip_list(tmp_path / "bal" / "balanced.txt")
-    assert len(chips) == 6 and set(chips) <= set(range(24)) and meta["chip_size"] == 32
-    np.save(tmp_path / "q.npy", np.load(emb / "embeddings.npy")[[0, 5]])
-    assert cli.main(["curate", "action=retrieve", f"embeddings={emb}", f"queries={tmp_path / 'q.npy'}", "k=3",
-                     f"out={tmp_path / 'ret'}", *common]) == 0
-    got, _ = lists.read_chip_list(tmp_path / "ret" / "retrieved.txt")
-    # (a random-init backbone embeds every chip alike, so only the shape of the answer is checked here;
-    # test_retrieve_returns_the_true_nearest_neighbours checks the neighbours themselves)
-    assert 3 <= len(got) <= 6 and set(got.tolist()) <= set(range(24))
-
-    # the chip list restricts a raster source to those chips
-    cfg = cli.compose("train", [*band_cfg, f"data.chip_list={tmp_path / 'bal' / 'balanced.txt'}"])
-    src = build_source(cfg.data).source
-    full = build_source(cli.compose("train", band_cfg).data).source
-    torch.testing.assert_close(src[1], full[int(chips[1])])
-    torch.testing.assert_close(src[len(chips)], full[int(chips[0])])  # wraps around
-
-    # a chip list made for another chip size is refused
-    cfg = cli.compose("train", ["data=sample_sat", "data.chip_size=64",
-                                f"data.chip_list={tmp_path / 'bal' / 'balanced.txt'}"])
-    with pytest.raises(Exception, match="32 px chips but data.chip_size=64"):
-        build_source(cfg.data)
-
-
-def test_cli_retrieve_without_queries_is_one_line(capsys):
-    from geodino import cli
-
-    assert cli.main(["curate", "action=retrieve", "progress=false"]) == 2
-    err = capsys.readouterr().err
-    assert "queries=" in err and "Traceback" not in err
+def test_embed_output_errors_name_the_offending_path(tmp_path):
+    with pytest.raises(Exception, match="holds no embeddings.npy"):
+        cur.load_embeddings(tmp_path)
+    with pytest.raises(Exception, match="neither an embed output folder nor a .npy file"):
+        cur.load_embeddings(tmp_path / "missing.npy")
+    with pytest.raises(ValueError, match="needs kind 'raster'"):
+        cur.write_embed_meta(tmp_path, {"kind": "folder"}, chips=[1])
+    with pytest.raises(ValueError, match="either chips"):
+        cur.write_embed_meta(tmp_path, {"kind": "raster"})

@@ -70,7 +70,7 @@ def _paths(data_cfg) -> list[str] | None:
 
 
 def load_stats_file(path, band_names: list[str], scale: float | None = None) -> tuple[list[float], list[float]]:
-    """Mean/std for `band_names` from a band_stats.json (see geodino.data.curation), matched by name."""
+    """Mean/std for `band_names` from a band_stats.json (see geodino.data.stats), matched by name."""
     import json
 
     path = Path(str(path)).expanduser()

@@ -22,7 +22,7 @@ file under the paths does, the folder is read as generic multi-band GeoTIFFs wit
 (the sensor then only names the RGB bands), so a stacked Sentinel-2 GeoTIFF keeps working.
 
 Chip lists: `chip_indices` restricts the source to a list of chip indices (as written by
-`geodino curate action=balance|retrieve`, see geodino.data.curation); item `i` is then chip
+`geodino curate action=balance|retrieve`, format in geodino.data.lists); item `i` is then chip
 `chip_indices[i % len(chip_indices)]`.
 """
 

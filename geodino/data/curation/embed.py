@@ -1,0 +1,165 @@
+"""Embedding a pool for curation, and the embed-output format.
+
+`embed_source` runs a backbone over a data source and returns L2-normalised CLS embeddings
+(``forward_features(x)["x_norm_clstoken"]``), streamed to a disk-backed ``.npy``
+(``np.lib.format.open_memmap``) so pools larger than memory work (Vo et al. 2024, arXiv 2405.15613:
+curation works on SSL embeddings of the pool).
+
+An embed output folder (this module owns its format: `embed_source` writes ``embeddings.npy``,
+`write_embed_meta` the rest, `load_embeddings` reads it back; ``geodino curate action=embed`` makes one) holds
+
+- ``embeddings.npy``: (N, d) float32, row i the embedding of item i;
+- ``items.txt``: the items, a chip list (raster sources) or a file list (image folders), formats in
+  geodino.data.lists;
+- ``embed.json``: what was embedded and how (``kind``, data name, bands, backbone, normalisation, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from geodino.data.lists import read_chip_list, read_file_list, write_chip_list, write_file_list
+from geodino.errors import DataError
+
+EMBEDDINGS_FILE = "embeddings.npy"
+ITEMS_FILE = "items.txt"
+META_FILE = "embed.json"
+
+
+class _EmbedView:
+    """source[indices[j]] resized to a square `size` (short side, centre crop) when needed."""
+
+    def __init__(self, source, indices, size: int | None, patch: int):
+        self.source, self.indices, self.size, self.patch = source, indices, size, patch
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        img = self.source[int(self.indices[j])]
+        if not torch.is_tensor(img):
+            img = img["image"] if isinstance(img, dict) else torch.as_tensor(img)
+        img = img.float()
+        h, w = img.shape[-2:]
+        size = self.size
+        if size is None:
+            if h == w and h % self.patch == 0:
+                return img
+            size = max(self.patch, (min(h, w) // self.patch) * self.patch)
+        if (h, w) != (size, size):
+            scale = size / min(h, w)
+            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            if (nh, nw) != (h, w):
+                img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", antialias=True,
+                                    align_corners=False)[0]
+            top, left = (nh - size) // 2, (nw - size) // 2
+            img = img[:, top:top + size, left:left + size]
+        return img
+
+
+def _stack_same_size(xs):
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) > 1:
+        raise DataError(f"images of different sizes {sorted(shapes)[:3]}...: set image_size= to resize them to one size")
+    return torch.stack(xs)
+
+
+def embed_source(backbone, source, batch_size: int = 64, out_path: str | Path | None = None, progress: bool = False,
+                 *, indices: Sequence[int] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, image_size: int | None = None, num_workers: int = 0,
+                 device="cpu") -> np.ndarray:
+    """L2-normalised CLS embeddings of `source[i]` for i in `indices` (default: all), in order.
+
+    With `out_path` the rows stream to a float32 ``.npy`` memmap (written as ``<out>.partial`` and
+    renamed when complete) and the returned array is that file opened read-only with
+    ``mmap_mode='r'``; otherwise an in-memory array. Images are normalised with `mean`/`std` and, if
+    `image_size` is set (or sizes vary), resized (short side) and centre-cropped to a square.
+    `backbone` follows the geodino backbone protocol (geodino.models.backbone): ``token_stride`` and
+    ``forward_features(x)["x_norm_clstoken"]``; it is passed in, never imported (data sits below models).
+    """
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+    n = len(indices)
+    if n == 0:
+        raise DataError("nothing to embed: the source is empty")
+    patch = int(backbone.token_stride)
+    view = _EmbedView(source, indices, image_size, patch)
+    loader = torch.utils.data.DataLoader(view, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
+                                         collate_fn=_stack_same_size)
+    mean_t = None if mean is None else torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = None if std is None else torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    backbone = backbone.to(device).eval()
+    out = None
+    tmp = None
+    if out_path is not None:
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".partial")
+    pos = 0
+    with torch.inference_mode():
+        for x in tqdm(loader, desc="embedding", total=len(loader), disable=not progress):
+            if mean_t is not None:
+                x = (x - mean_t) / std_t
+            cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]
+            e = F.normalize(cls.float(), dim=-1).cpu().numpy()
+            if out is None:
+                shape = (n, e.shape[1])
+                out = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                       if tmp is not None else np.empty(shape, dtype=np.float32))
+            out[pos:pos + len(e)] = e
+            pos += len(e)
+    if tmp is None:
+        return out
+    out.flush()
+    del out
+    os.replace(tmp, out_path)
+    return np.load(out_path, mmap_mode="r")
+
+
+def write_embed_meta(out_dir: str | Path, doc: dict, *, chips: Sequence[int] | None = None,
+                     chip_header: dict | None = None, files: Sequence[str | Path] | None = None,
+                     file_header: str = "") -> Path:
+    """Complete an embed output folder beside its ``embeddings.npy``: ``items.txt``, a chip list of `chips` (with
+    `chip_header`; `doc` must then say ``kind: raster``) or a file list of `files`, and ``embed.json`` (`doc`)."""
+    out_dir = Path(out_dir)
+    if (chips is None) == (files is None):
+        raise ValueError("an embed output lists either chips (raster sources) or files (image folders)")
+    if chips is not None:
+        if doc.get("kind") != "raster":
+            raise ValueError(f"an embed output with a chip list needs kind 'raster' in embed.json, "
+                             f"got {doc.get('kind')!r}")
+        write_chip_list(out_dir / ITEMS_FILE, chips, dict(chip_header or {}))
+    else:
+        write_file_list(out_dir / ITEMS_FILE, files, header=file_header)
+    (out_dir / META_FILE).write_text(json.dumps(doc, indent=2))
+    return out_dir
+
+
+def load_embeddings(path: str | Path) -> tuple[np.ndarray, dict, list[str] | None, np.ndarray | None]:
+    """(embeddings memmap, embed.json dict, file list or None, chip indices or None) of an embed output
+    folder, or of a bare ``.npy`` file (then no items)."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        npy = path / EMBEDDINGS_FILE
+        if not npy.is_file():
+            raise DataError(f"{path} holds no {EMBEDDINGS_FILE}; run `geodino curate action=embed out={path}` first")
+        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+        files = chips = None
+        items = path / ITEMS_FILE
+        if items.is_file():
+            if meta.get("kind") == "raster":
+                chips, header = read_chip_list(items)
+                meta = {**header, **meta}
+            else:
+                files = [str(f) for f in read_file_list(items)]
+        return np.load(npy, mmap_mode="r"), meta, files, chips
+    if path.suffix == ".npy" and path.is_file():
+        return np.load(path, mmap_mode="r"), {}, None, None
+    raise DataError(f"embeddings '{path}' is neither an embed output folder nor a .npy file")
