@@ -9,7 +9,9 @@ float64, so no catastrophic cancellation on large pools.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -63,3 +65,39 @@ def band_statistics(source, n: int = 64, progress: bool = False, info: dict | No
     if info is not None:
         info.update({"items": len(indices), "pixels": int(count), "nodata_pixels_excluded": int(excluded)})
     return [float(v) for v in mean], [float(math.sqrt(v)) for v in var]
+
+
+# ------------------------------------------------------------------------------------------------
+# band_stats.json: written by `geodino curate action=stats`, read by data.stats_file=
+# ------------------------------------------------------------------------------------------------
+
+def write_stats_file(path: str | Path, bands: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                     **meta) -> Path:
+    """A band statistics file: format tag, band names, mean and std (in [0, 1] units), plus how they were made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": STATS_FORMAT, "bands": list(bands), "mean": [float(m) for m in mean],
+           "std": [float(s) for s in std], **meta}
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def load_stats_file(path, band_names: list[str], scale: float | None = None) -> tuple[list[float], list[float]]:
+    """Mean/std for `band_names` from a band_stats.json (see geodino.data.stats), matched by name."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.stats_file {path} does not exist (write it with `geodino curate action=stats`)")
+    try:
+        doc = json.loads(path.read_text())
+        names, mean, std = list(doc["bands"]), list(doc["mean"]), list(doc["std"])
+        if doc.get("format", STATS_FORMAT) != STATS_FORMAT:
+            raise ValueError(f"format is '{doc['format']}', not '{STATS_FORMAT}'")
+    except Exception as e:
+        raise DataError(f"data.stats_file {path} is not a band statistics file: {e}") from e
+    missing = [b for b in band_names if b not in names]
+    if missing:
+        raise DataError(f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} not in data.stats_file {path} "
+                        f"(it has {', '.join(names)})")
+    if scale is not None and doc.get("scale") is not None and float(doc["scale"]) != float(scale):
+        raise DataError(f"data.stats_file {path} was computed with scale={doc['scale']:g} but data.scale={scale:g}")
+    return [float(mean[names.index(b)]) for b in band_names], [float(std[names.index(b)]) for b in band_names]

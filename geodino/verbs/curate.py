@@ -28,7 +28,7 @@ from geodino.data.curation.sampling import balanced_sample
 from geodino.data.curation.search import deduplicate, retrieve
 from geodino.data.lists import write_chip_list, write_file_list
 from geodino.data.sources import build_source
-from geodino.data.stats import STATS_FORMAT, band_statistics
+from geodino.data.stats import band_statistics, write_stats_file
 from geodino.errors import DataError, GeodinoError
 from geodino.models import load_backbone
 from geodino.models.registry import is_arch
@@ -66,14 +66,12 @@ def run_stats(cfg, progress: bool = True) -> Path:
     details: dict = {}
     mean, std = band_statistics(info.source, n=n, progress=progress, info=details)
     out = _stats_out(cfg, info)
-    doc = {"format": STATS_FORMAT, "bands": list(info.band_names), "mean": mean, "std": std,
-           "input_scale": info.input_scale, **details, **_source_meta(cfg, info)}
+    extra = {"input_scale": info.input_scale, **details, **_source_meta(cfg, info)}
     if cfg.data.kind == "raster":
-        doc["skipped_nodata_chips"] = int(info.source.skipped_nodata)
+        extra["skipped_nodata_chips"] = int(info.source.skipped_nodata)
     else:
-        doc["files"] = [str(f) for f in info.source.files]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
+        extra["files"] = [str(f) for f in info.source.files]
+    write_stats_file(out, list(info.band_names), mean, std, **extra)
     log.info("band statistics of %d %s: mean %s std %s -> %s (use data.stats_file=%s)", details.get("items", n),
              "chips" if cfg.data.kind == "raster" else "images", [round(m, 4) for m in mean],
              [round(s, 4) for s in std], out, out)

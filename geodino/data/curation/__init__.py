@@ -36,8 +36,14 @@ command line (``geodino curate action=stats|embed|balance|retrieve|dedup``) in g
 
 from geodino.data.curation.arrays import l2_normalize
 from geodino.data.curation.embed import embed_source, load_embeddings, write_embed_meta
-from geodino.data.curation.kmeans import (ClusterTree, assign, hierarchical_kmeans, kmeans_plusplus,
-                                          nearest_per_cluster, resampled_kmeans)
+from geodino.data.curation.kmeans import (
+                                          ClusterTree,
+                                          assign,
+                                          hierarchical_kmeans,
+                                          kmeans_plusplus,
+                                          nearest_per_cluster,
+                                          resampled_kmeans,
+)
 from geodino.data.curation.sampling import balanced_sample, water_fill
 from geodino.data.curation.search import deduplicate, retrieve
 

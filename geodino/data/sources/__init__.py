@@ -26,7 +26,7 @@ from geodino.data.mixing import MixedDataset, mix_sources
 from geodino.data.sample import sample_nat_dir, sample_sat_path
 from geodino.data.sources.folder import FolderSource
 from geodino.data.sources.raster import RasterSource
-from geodino.data.stats import band_statistics
+from geodino.data.stats import band_statistics, load_stats_file
 from geodino.errors import DataError
 
 log = logging.getLogger("geodino")
@@ -67,27 +67,6 @@ def _paths(data_cfg) -> list[str] | None:
     if isinstance(paths, str):
         return [paths]
     return [str(p) for p in paths]
-
-
-def load_stats_file(path, band_names: list[str], scale: float | None = None) -> tuple[list[float], list[float]]:
-    """Mean/std for `band_names` from a band_stats.json (see geodino.data.stats), matched by name."""
-    import json
-
-    path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.stats_file {path} does not exist (write it with `geodino curate action=stats`)")
-    try:
-        doc = json.loads(path.read_text())
-        names, mean, std = list(doc["bands"]), list(doc["mean"]), list(doc["std"])
-    except Exception as e:
-        raise DataError(f"data.stats_file {path} is not a band statistics file: {e}") from e
-    missing = [b for b in band_names if b not in names]
-    if missing:
-        raise DataError(f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} not in data.stats_file {path} "
-                        f"(it has {', '.join(names)})")
-    if scale is not None and doc.get("scale") is not None and float(doc["scale"]) != float(scale):
-        raise DataError(f"data.stats_file {path} was computed with scale={doc['scale']:g} but data.scale={scale:g}")
-    return [float(mean[names.index(b)]) for b in band_names], [float(std[names.index(b)]) for b in band_names]
 
 
 def build_source(data_cfg, seed: int = 0, progress: bool = False, stats: bool = True, batch_size: int | None = None,
