@@ -66,7 +66,8 @@ def run_stats(cfg, progress: bool = True) -> Path:
     details: dict = {}
     mean, std = band_statistics(info.source, n=n, progress=progress, info=details)
     out = _stats_out(cfg, info)
-    extra = {"input_scale": info.input_scale, **details, **_source_meta(cfg, info)}
+    extra = {"input_scale": info.input_scale, **details,
+             **{k: v for k, v in _source_meta(cfg, info).items() if k != "bands"}}
     if cfg.data.kind == "raster":
         extra["skipped_nodata_chips"] = int(info.source.skipped_nodata)
     else:
