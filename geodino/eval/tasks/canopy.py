@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geodino.data.bands import missing_rgb, rgb_indices
 from geodino.errors import DataError, GeodinoError
 from geodino.eval.dense import DenseSpec
 from geodino.eval.features import files_identity
 from geodino.eval.tasks.common import evaluate_regression
 
 log = logging.getLogger("geodino")
-
-RGB_NAMES = {"red": ("red", "r", "b04", "b4"), "green": ("green", "g", "b03", "b3"), "blue": ("blue", "b", "b02", "b2")}
 
 
 def read_meta(root: Path) -> dict:
@@ -67,17 +66,11 @@ class CanopyTiles:
         if not self.stems:
             raise DataError(f"{self.split_file}: no samples")
         self.bands = [str(b).lower() for b in meta.get("bands", ["red", "green", "blue"])]
-        self.rgb = self._rgb_indices()
+        rgb = rgb_indices(self.bands)
+        if rgb is None:
+            raise DataError(f"{self.root / 'dataset.json'}: bands {self.bands} have no {missing_rgb(self.bands)[0]} band")
+        self.rgb = list(rgb)
         self._checked: dict[int, tuple[int, int]] = {}
-
-    def _rgb_indices(self) -> list[int]:
-        out = []
-        for colour, names in RGB_NAMES.items():
-            hits = [i for i, b in enumerate(self.bands) if b in names]
-            if not hits:
-                raise DataError(f"{self.root / 'dataset.json'}: bands {self.bands} have no {colour} band")
-            out.append(hits[0])
-        return out
 
     def paths(self, i: int) -> tuple[Path, Path, Path | None]:
         stem = self.stems[i]

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from geodino.data.bands import missing_rgb, rgb_indices
 from geodino.errors import DataError, GeodinoError
 from geodino.eval.safe_pickle import decode_attr_pickle, safe_load_file
 
@@ -48,12 +49,6 @@ BENCHMARKS = ("classification_v1.0", "segmentation_v1.0")
 CHANNEL_FIXES = {
     "m-eurosat": ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"],
     "m-brick-kiln": ["B01", "B02", "B03", "B04", "B05", "B07", "B8A", "B08", "B11", "B12", "TCI_R", "TCI_G", "TCI_B"],
-}
-FIXED_RGB = ("B04", "B03", "B02")
-COLOUR_NAMES = {
-    "red": {"red", "b04", "b4", "sr_b4"},
-    "green": {"green", "b03", "b3", "sr_b3"},
-    "blue": {"blue", "b02", "b2", "sr_b2"},
 }
 STATS_KEYS = {"minmax": ("min", "max"), "percentile": ("percentile_1", "percentile_99")}
 
@@ -155,17 +150,13 @@ class GeobenchTask:
             return refs
         if mode != "rgb":
             raise GeodinoError(f"bands={mode}: choose rgb or all")
-        out = []
-        for colour, fixed in zip(("red", "green", "blue"), FIXED_RGB):
-            if self.name in CHANNEL_FIXES:
-                hit = [r for r in refs if r.name == fixed]
-            else:
-                tokens = COLOUR_NAMES[colour]
-                hit = [r for r in refs if {r.name.lower(), *(a.lower() for a in r.alt_names)} & tokens]
-            if not hit:
-                raise DataError(f"{file}: no {colour} band among {', '.join(r.name for r in refs)} (bands=rgb)")
-            out.append(hit[0])
-        return out
+        # a band is red / green / blue when its name or one of its alternative names says so (after a
+        # channel-order fix both are the true band name, so B04 / B03 / B02 are picked)
+        names = [(r.name, *r.alt_names) for r in refs]
+        rgb = rgb_indices(names)
+        if rgb is None:
+            raise DataError(f"{file}: no {missing_rgb(names)[0]} band among {', '.join(r.name for r in refs)} (bands=rgb)")
+        return [refs[i] for i in rgb]
 
     def scale(self, data: np.ndarray, ref: BandRef, mode: str) -> np.ndarray:
         if mode == "none":
@@ -492,8 +483,7 @@ def run(ctx) -> dict:
         if band_mode == "rgb":
             extractor = ctx.extractor()
         else:
-            rgb = _rgb_positions(band_names, task.name)
-            extractor = ctx.extractor(in_chans=len(band_names), bands=band_names, rgb_indices=rgb)
+            extractor = ctx.extractor(in_chans=len(band_names), bands=band_names, rgb_indices=rgb_indices(band_names))
         contract = extractor.contract
         if contract.in_chans != len(band_names):
             raise GeodinoError(f"{task.name}: backbone takes {contract.in_chans} bands, bands={band_mode} gives {len(band_names)}")
@@ -547,18 +537,3 @@ def _pca_figure(ctx, task: GeobenchTask, extractor, band_mode, scaling, mean, st
         pca_feature_png(extractor.backbone, image, ctx.figures_dir / f"pca_features_{task.name}.png")
     except Exception as e:  # a figure must never fail a finished evaluation
         log.warning("no PCA figure for %s: %s", task.name, e)
-
-
-def _rgb_positions(names: list[str], task_name: str) -> list[int] | None:
-    if task_name in CHANNEL_FIXES:
-        try:
-            return [names.index(b) for b in FIXED_RGB]
-        except ValueError:
-            return None
-    pos = []
-    for colour in ("red", "green", "blue"):
-        hits = [i for i, n in enumerate(names) if n.lower() in COLOUR_NAMES[colour] or n.lower().endswith(f"- {colour}")]
-        if not hits:
-            return None
-        pos.append(hits[0])
-    return pos
