@@ -11,8 +11,8 @@ linear, light decoder) can be compared without running the backbone again. The k
 * the split and the transform (window, stride, bands, scaling, mean/std, layers used, dtype).
 
 An entry is written into a temporary folder and renamed into place when complete, so an interrupted
-extraction is never read back. Input normalisation comes from the backbone contract:
-``(x - mean) / std`` on images already scaled to [0, 1].
+extraction is never read back. Inputs are normalised by the caller with the backbone contract
+(``extractor.contract.normalize``: ``(x - mean) / std`` on images already scaled to [0, 1]).
 """
 
 from __future__ import annotations
@@ -196,18 +196,8 @@ class FeatureCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# Normalisation and the frozen extractor
+# Padding and the frozen extractor
 # ----------------------------------------------------------------------------------------------
-
-def normalize(img01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(…, C, H, W) in [0, 1] -> (x - mean) / std with the backbone contract's statistics."""
-    c = img01.shape[-3]
-    if len(mean) != c or len(std) != c:
-        raise GeodinoError(f"the backbone expects {len(mean)} bands but the input has {c}")
-    m = torch.as_tensor(mean, dtype=img01.dtype, device=img01.device).view(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=img01.dtype, device=img01.device).view(-1, 1, 1)
-    return (img01 - m) / s
-
 
 def pad_to(x: torch.Tensor, h: int, w: int, value: float = 0.0) -> torch.Tensor:
     """Pad the last two dims at the bottom/right to (h, w)."""

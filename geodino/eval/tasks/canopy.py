@@ -31,7 +31,7 @@ def run(ctx) -> dict:
         raise GeodinoError(f"the canopy task feeds RGB but backbone {contract.name} takes {contract.in_chans} bands")
     window = int(t.patch)
     stride = int(t.get("stride") or max(extractor.patch_size, window // 2))
-    common = dict(kind="reg", window=window, mean=list(contract.mean), std=list(contract.std), batch_size=int(t.batch_size),
+    common = dict(kind="reg", window=window, batch_size=int(t.batch_size),
                   num_workers=ctx.num_workers, progress=ctx.progress)
     dataset_id = {"name": meta.get("name", "canopy"), "root": str(root.resolve()),
                   "files": {train_split: files_identity(train.files()), eval_split: files_identity(evals.files())}}

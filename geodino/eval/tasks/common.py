@@ -29,7 +29,7 @@ def window_features(ctx, extractor, tiles: TileSet, spec: DenseSpec, split: str,
                     transform: dict) -> FeatureSet:
     key = ctx.cache.key(backbone=extractor.fingerprint, dataset=dataset_id, split=split,
                         transform={**transform, "window": spec.window, "stride": spec.stride, "kind": spec.kind,
-                                   "mean": list(spec.mean), "std": list(spec.std),
+                                   "mean": list(extractor.contract.mean), "std": list(extractor.contract.std),
                                    "n_last_layers": extractor.n_last_layers})
     fs = extract_windows(extractor, tiles, spec, ctx.cache, ctx.task_name, key, desc=f"{split} features")
     ctx.note_cache(f"{dataset_id.get('name', ctx.task_name)}/{split}", fs.hit)

@@ -22,7 +22,7 @@ from geodino.data.bands import rgb_indices
 from geodino.errors import DataError, GeodinoError
 from geodino.eval.datasets.geobench import GeobenchTask, GeobenchTiles, find_tasks
 from geodino.eval.dense import DenseSpec
-from geodino.eval.features import files_identity, normalize, pad_to, round_up
+from geodino.eval.features import files_identity, pad_to, round_up
 from geodino.eval.metrics import classification_scores
 from geodino.eval.probes import _progress, fit_linear_probe, knn_scores, probe_scores
 from geodino.eval.tasks.common import evaluate_segmentation
@@ -36,12 +36,13 @@ def _files_id(task: GeobenchTask, names: Sequence[str]) -> str:
 
 
 def classification_features(ctx, extractor, task: GeobenchTask, split: str, names: list[str], band_mode: str,
-                            scaling: str, mean, std):
+                            scaling: str):
     key = ctx.cache.key(backbone=extractor.fingerprint,
                         dataset={"task": task.name, "root": str(task.path.resolve()), "partition": task.partition_name,
                                  "files": _files_id(task, names)},
-                        split=split, transform={"bands": band_mode, "scaling": scaling, "mean": list(mean),
-                                                "std": list(std), "n_last_layers": extractor.n_last_layers,
+                        split=split, transform={"bands": band_mode, "scaling": scaling,
+                                                "mean": list(extractor.contract.mean),
+                                                "std": list(extractor.contract.std), "n_last_layers": extractor.n_last_layers,
                                                 "pad": "bottom-right to patch multiple"})
     fs = ctx.cache.get(ctx.task_name, f"{task.name}-{key}")
     if fs is None:
@@ -75,7 +76,7 @@ def classification_features(ctx, extractor, task: GeobenchTask, split: str, name
                 image, label, _ = task.read(name, band_mode, scaling)
                 if batch and image.shape[-2:] != batch[0].shape[-2:]:
                     flush(i)
-                batch.append(normalize(image, mean, std))
+                batch.append(extractor.contract.normalize(image))
                 labels[i] = label
                 if len(batch) >= bs:
                     flush(i + 1)
@@ -109,14 +110,14 @@ def _primary(scores: dict) -> float:
     return scores.get("accuracy", scores.get("f1_micro"))
 
 
-def eval_classification(ctx, task: GeobenchTask, extractor, band_mode, scaling, mean, std) -> dict:
+def eval_classification(ctx, task: GeobenchTask, extractor, band_mode, scaling) -> dict:
     t = ctx.task
     limit = t.get("max_samples")
     splits = {s: task.names(s, limit) for s in ("train", "valid", "test")}
     for s, names in splits.items():
         if not names:
             raise DataError(f"{task.path}: the {task.partition_name} partition has an empty '{s}' split")
-    fs = {s: classification_features(ctx, extractor, task, s, names, band_mode, scaling, mean, std)
+    fs = {s: classification_features(ctx, extractor, task, s, names, band_mode, scaling)
           for s, names in splits.items()}
     which = str(t.get("features", "cls"))
     x = {s: _features(f, which) for s, f in fs.items()}
@@ -153,7 +154,7 @@ def eval_classification(ctx, task: GeobenchTask, extractor, band_mode, scaling, 
     return out
 
 
-def eval_segmentation(ctx, task: GeobenchTask, extractor, band_mode, scaling, mean, std) -> dict:
+def eval_segmentation(ctx, task: GeobenchTask, extractor, band_mode, scaling) -> dict:
     t = ctx.task
     limit = t.get("max_samples")
     trainval = bool(t.get("train_on_trainval", True))
@@ -163,7 +164,7 @@ def eval_segmentation(ctx, task: GeobenchTask, extractor, band_mode, scaling, me
     test = GeobenchTiles(task, test_names, band_mode, scaling)
     h, w = train.size(0)
     window = round_up(max(h, w), extractor.patch_size)
-    spec = DenseSpec(kind="seg", window=window, stride=window, mean=mean, std=std, batch_size=int(t.batch_size),
+    spec = DenseSpec(kind="seg", window=window, stride=window, batch_size=int(t.batch_size),
                      num_workers=ctx.num_workers, progress=ctx.progress)
     ignore = (t.get("ignore_index") or {}).get(task.name)
     exclude = list((t.get("exclude_from_mean") or {}).get(task.name) or [])
@@ -207,12 +208,11 @@ def run(ctx) -> dict:
         contract = extractor.contract
         if contract.in_chans != len(band_names):
             raise GeodinoError(f"{task.name}: backbone takes {contract.in_chans} bands, bands={band_mode} gives {len(band_names)}")
-        mean, std = list(contract.mean), list(contract.std)
         if task.kind == "seg":
-            res = eval_segmentation(ctx, task, extractor, band_mode, scaling, mean, std)
+            res = eval_segmentation(ctx, task, extractor, band_mode, scaling)
         else:
-            res = eval_classification(ctx, task, extractor, band_mode, scaling, mean, std)
-            _pca_figure(ctx, task, extractor, band_mode, scaling, mean, std)
+            res = eval_classification(ctx, task, extractor, band_mode, scaling)
+            _pca_figure(ctx, task, extractor, band_mode, scaling)
         res["bands"] = band_names
         per_task[task.name] = res
     summary: dict = {}
@@ -243,7 +243,7 @@ def run(ctx) -> dict:
     }
 
 
-def _pca_figure(ctx, task: GeobenchTask, extractor, band_mode, scaling, mean, std) -> None:
+def _pca_figure(ctx, task: GeobenchTask, extractor, band_mode, scaling) -> None:
     """PCA of the patch features of the first test sample (skipped when the sample has < 3 tokens)."""
     if ctx.n_figures <= 0:
         return

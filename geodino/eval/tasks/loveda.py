@@ -32,8 +32,7 @@ def run(ctx) -> dict:
     window = int(t.window)
     stride = int(t.stride)
     train_stride = int(t.get("train_stride") or window)
-    common = dict(kind="seg", window=window, mean=list(contract.mean), std=list(contract.std),
-                  batch_size=int(t.get("feature_batch_size") or t.batch_size), num_workers=ctx.num_workers,
+    common = dict(kind="seg", window=window, batch_size=int(t.get("feature_batch_size") or t.batch_size), num_workers=ctx.num_workers,
                   progress=ctx.progress)
     dataset_id = {"name": "loveda", "root": str(root.resolve()), "scenes": scenes,
                   "files": {train_split: files_identity(train.files()), eval_split: files_identity(evals.files())}}
