@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from geodino.errors import GeodinoError
-from geodino.eval.features import Extractor, FeatureCache, FeatureSet, pad_to
+from geodino.eval.features import Extractor, FeatureCache, FeatureSet, pad_to, progress_bar
 
 log = logging.getLogger("geodino")
 
@@ -130,9 +130,7 @@ def extract_windows(extractor: Extractor, tiles: TileSet, spec: DenseSpec, cache
             batch.clear()
             slots.clear()
 
-        from geodino.eval.probes import _progress
-
-        for t, sample in enumerate(_progress(iterate_tiles(tiles, spec.num_workers), n_tiles, desc, spec.progress)):
+        for t, sample in enumerate(progress_bar(iterate_tiles(tiles, spec.num_workers), n_tiles, desc, spec.progress)):
             img = sample["image"].float()
             h, w = img.shape[-2:]
             if (h, w) != tuple(sizes[t]):

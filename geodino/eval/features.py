@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from geodino.contract import Contract
 from geodino.errors import GeodinoError
@@ -193,6 +194,11 @@ class FeatureCache:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         return FeatureWriter(path)
+
+
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """The eval progress bar (tqdm, transient): feature extraction, probe and head training."""
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from geodino.data.bands import rgb_indices
 from geodino.errors import DataError, GeodinoError
 from geodino.eval.datasets.geobench import GeobenchTask, GeobenchTiles, find_tasks
 from geodino.eval.dense import DenseSpec
-from geodino.eval.features import files_identity, pad_to, round_up
+from geodino.eval.features import files_identity, pad_to, progress_bar, round_up
 from geodino.eval.metrics import classification_scores
-from geodino.eval.probes import _progress, fit_linear_probe, knn_scores, probe_scores
+from geodino.eval.probes import fit_linear_probe, knn_scores, probe_scores
 from geodino.eval.tasks.common import evaluate_segmentation
 from geodino.figures import pca_feature_png
 
@@ -72,7 +72,7 @@ def classification_features(ctx, extractor, task: GeobenchTask, split: str, name
                 avg_arr[lo:upto] = patch.mean((2, 3)).numpy()
                 batch, lo = [], upto
 
-            for i, name in enumerate(_progress(names, len(names), f"{task.name} {split}", ctx.progress)):
+            for i, name in enumerate(progress_bar(names, len(names), f"{task.name} {split}", ctx.progress)):
                 image, label, _ = task.read(name, band_mode, scaling)
                 if batch and image.shape[-2:] != batch[0].shape[-2:]:
                     flush(i)
