@@ -37,6 +37,7 @@ def _files_id(task: GeobenchTask, names: Sequence[str]) -> str:
 
 def classification_features(ctx, extractor, task: GeobenchTask, split: str, names: list[str], band_mode: str,
                             scaling: str):
+    """CLS and average-pooled patch features plus labels of one split (cached); samples of equal size are batched."""
     key = ctx.cache.key(backbone=extractor.fingerprint,
                         dataset={"task": task.name, "root": str(task.path.resolve()), "partition": task.partition_name,
                                  "files": _files_id(task, names)},
