@@ -3,6 +3,10 @@ and the normalisation statistics geodino ships.
 
 Every checkpoint records the band names (in order) and the normalisation it was trained with, so a
 backbone is always fed the bands it expects (see geodino.models.registry).
+
+`band_colour` / `rgb_indices` are the one RGB detector: a band is red, green or blue when its name (in any case) is
+a visible band of the sensor table (or one of its aliases, e.g. Sentinel-2 ``B4``), a colour word (``red``), or a
+GEO-Bench band descriptor ending in ``- <colour>`` (``04 - Red``).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ class Band:
     wavelength_nm: float | None  # centre wavelength
     gsd_m: float | None  # native ground sample distance
     rgb: str | None = None  # 'R', 'G' or 'B' for the visible bands used as RGB
+    aliases: tuple[str, ...] = ()  # other names of the band that RGB detection accepts
 
 
 # Sentinel-2 MSI (L1C / L2A), centre wavelengths of S2A.
 SENTINEL2 = (
-    Band("B01", 442.7, 60), Band("B02", 492.4, 10, "B"), Band("B03", 559.8, 10, "G"),
-    Band("B04", 664.6, 10, "R"), Band("B05", 704.1, 20), Band("B06", 740.5, 20),
+    Band("B01", 442.7, 60), Band("B02", 492.4, 10, "B", ("B2",)), Band("B03", 559.8, 10, "G", ("B3",)),
+    Band("B04", 664.6, 10, "R", ("B4",)), Band("B05", 704.1, 20), Band("B06", 740.5, 20),
     Band("B07", 782.8, 20), Band("B08", 832.8, 10), Band("B8A", 864.7, 20),
     Band("B09", 945.1, 60), Band("B10", 1373.5, 60), Band("B11", 1613.7, 20),
     Band("B12", 2202.4, 20),
@@ -70,11 +75,45 @@ def select_bands(available: Sequence[str], wanted: Sequence[str] | None, where: 
     return [available.index(b) for b in wanted]
 
 
-def rgb_indices(band_names: Sequence[str], sensor: str | None = None) -> tuple[int, int, int] | None:
-    """Indices of the R, G, B bands within `band_names`, when the sensor defines them."""
+# Colour words (any case), also matched as the end of a GEO-Bench descriptor such as "04 - Red".
+COLOUR_WORDS = (("R", "red"), ("G", "green"), ("B", "blue"))
+
+
+def band_colour(name: str, sensor: str | None = None) -> str | None:
+    """'R', 'G' or 'B' when `name` names a visible band (see the module docstring), else None. The sensor table is
+    `sensor`'s when given, every sensor's otherwise; colour words and GEO-Bench descriptors count for any sensor."""
+    key = str(name).lower()
     table = sensor_bands(sensor) if sensor else tuple(b for s in SENSORS.values() for b in s)
-    lookup = {b.name: b.rgb for b in table if b.rgb}
-    found = {lookup[n]: i for i, n in enumerate(band_names) if n in lookup}
+    for band in table:
+        if band.rgb and key in (band.name.lower(), *(a.lower() for a in band.aliases)):
+            return band.rgb
+    for colour, word in COLOUR_WORDS:
+        if key == word or key.endswith(f"- {word}"):
+            return colour
+    return None
+
+
+def _first_of_each_colour(band_names: Sequence[str | Sequence[str]], sensor: str | None) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for i, entry in enumerate(band_names):
+        for name in ((entry,) if isinstance(entry, str) else entry):
+            colour = band_colour(name, sensor)
+            if colour and colour not in found:
+                found[colour] = i
+    return found
+
+
+def rgb_indices(band_names: Sequence[str | Sequence[str]], sensor: str | None = None) -> tuple[int, int, int] | None:
+    """Indices of the R, G, B bands within `band_names` (the first band of each colour, by `band_colour`), or None
+    when a colour is missing. An entry may be the names of one band (its name and alternative names): the band has
+    a colour when any of its names has it."""
+    found = _first_of_each_colour(band_names, sensor)
     if all(c in found for c in "RGB"):
         return found["R"], found["G"], found["B"]
     return None
+
+
+def missing_rgb(band_names: Sequence[str | Sequence[str]], sensor: str | None = None) -> list[str]:
+    """The colour words ('red', 'green', 'blue') that no band of `band_names` has (for error messages)."""
+    found = _first_of_each_colour(band_names, sensor)
+    return [word for colour, word in COLOUR_WORDS if colour not in found]

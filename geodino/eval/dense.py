@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from geodino.errors import GeodinoError
-from geodino.eval.features import Extractor, FeatureCache, FeatureSet, normalize, pad_to
+from geodino.eval.features import Extractor, FeatureCache, FeatureSet, pad_to, progress_bar
 
 log = logging.getLogger("geodino")
 
@@ -78,11 +78,11 @@ def iterate_tiles(tiles: TileSet, num_workers: int = 0) -> Iterator[dict]:
 
 @dataclass
 class DenseSpec:
+    """How tiles are cut into windows (inputs are normalised with the extractor's backbone contract)."""
+
     kind: str                 # "seg" | "reg"
     window: int
     stride: int
-    mean: Sequence[float]
-    std: Sequence[float]
     batch_size: int = 8
     num_workers: int = 0
     progress: bool = False
@@ -103,7 +103,7 @@ def extract_windows(extractor: Extractor, tiles: TileSet, spec: DenseSpec, cache
     n = sum(len(p) for p in positions)
     win = spec.window
     # one dry run to learn the feature shape
-    probe = torch.zeros(1, len(spec.mean), win, win)
+    probe = torch.zeros(1, extractor.contract.in_chans, win, win)
     _, g = extractor(probe)
     d, gh, gw = g.shape[1:]
     writer = cache.writer(task, key)
@@ -130,9 +130,7 @@ def extract_windows(extractor: Extractor, tiles: TileSet, spec: DenseSpec, cache
             batch.clear()
             slots.clear()
 
-        from geodino.eval.probes import _progress
-
-        for t, sample in enumerate(_progress(iterate_tiles(tiles, spec.num_workers), n_tiles, desc, spec.progress)):
+        for t, sample in enumerate(progress_bar(iterate_tiles(tiles, spec.num_workers), n_tiles, desc, spec.progress)):
             img = sample["image"].float()
             h, w = img.shape[-2:]
             if (h, w) != tuple(sizes[t]):
@@ -140,7 +138,7 @@ def extract_windows(extractor: Extractor, tiles: TileSet, spec: DenseSpec, cache
             names.append(str(sample.get("name", t)))
             groups.append(str(sample.get("group", "")))
             tile_hw[t] = (h, w)
-            x = normalize(img, spec.mean, spec.std)
+            x = extractor.contract.normalize(img)
             tgt = torch.as_tensor(sample["target"])
             val = torch.as_tensor(sample["valid"]).bool() if spec.kind == "reg" else None
             for y0, x0 in positions[t]:

@@ -11,8 +11,8 @@ linear, light decoder) can be compared without running the backbone again. The k
 * the split and the transform (window, stride, bands, scaling, mean/std, layers used, dtype).
 
 An entry is written into a temporary folder and renamed into place when complete, so an interrupted
-extraction is never read back. Input normalisation comes from the backbone contract:
-``(x - mean) / std`` on images already scaled to [0, 1].
+extraction is never read back. Inputs are normalised by the caller with the backbone contract
+(``extractor.contract.normalize``: ``(x - mean) / std`` on images already scaled to [0, 1]).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from geodino.contract import Contract
 from geodino.errors import GeodinoError
@@ -195,19 +196,14 @@ class FeatureCache:
         return FeatureWriter(path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Normalisation and the frozen extractor
-# ----------------------------------------------------------------------------------------------
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """The eval progress bar (tqdm, transient): feature extraction, probe and head training."""
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
-def normalize(img01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(…, C, H, W) in [0, 1] -> (x - mean) / std with the backbone contract's statistics."""
-    c = img01.shape[-3]
-    if len(mean) != c or len(std) != c:
-        raise GeodinoError(f"the backbone expects {len(mean)} bands but the input has {c}")
-    m = torch.as_tensor(mean, dtype=img01.dtype, device=img01.device).view(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=img01.dtype, device=img01.device).view(-1, 1, 1)
-    return (img01 - m) / s
 
+# ----------------------------------------------------------------------------------------------
+# Padding and the frozen extractor
+# ----------------------------------------------------------------------------------------------
 
 def pad_to(x: torch.Tensor, h: int, w: int, value: float = 0.0) -> torch.Tensor:
     """Pad the last two dims at the bottom/right to (h, w)."""

@@ -20,13 +20,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.functional.classification import multiclass_accuracy, multilabel_f1_score
 
 
 class SegmentationMetric:
     def __init__(self, num_classes: int, ignore_index: int | None = None, exclude_from_mean: Sequence[int] = (),
                  class_names: Sequence[str] | None = None):
-        from torchmetrics.classification import MulticlassJaccardIndex
-
         self.num_classes = int(num_classes)
         self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.exclude = sorted({int(c) for c in exclude_from_mean})
@@ -170,8 +170,6 @@ class RegressionMetric:
 
 def classification_scores(scores: torch.Tensor, target: torch.Tensor, multilabel: bool) -> dict:
     """`scores` [N, K] (probabilities or logits), `target` [N] ints or [N, K] 0/1."""
-    from torchmetrics.functional.classification import multiclass_accuracy, multilabel_f1_score
-
     scores = torch.as_tensor(scores).float()
     target = torch.as_tensor(target)
     k = scores.shape[1]

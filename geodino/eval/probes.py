@@ -10,7 +10,7 @@
 * `LightDecoder`: two 3x3 conv + BN + GELU stages with 2x upsampling in between, then a 1x1 conv.
 * `train_dense_head`: trains either head on cached window features for segmentation (cross-entropy
   with ignored pixels) or regression (L1 on valid pixels, targets standardised by train statistics).
-All run on CPU or GPU; progress bars come from tqdm.
+All run on CPU or GPU; progress bars come from geodino.eval.features.progress_bar.
 """
 
 from __future__ import annotations
@@ -25,14 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from geodino.errors import GeodinoError
+from geodino.eval.features import progress_bar
 
 log = logging.getLogger("geodino")
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def _cosine(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
@@ -77,7 +72,7 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, multilabe
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
     g = torch.Generator().manual_seed(seed)
     xd, yd = x.to(device), y.to(device)
-    bar = _progress(range(epochs), epochs, "linear probe", progress)
+    bar = progress_bar(range(epochs), epochs, "linear probe", progress)
     for _ in bar:
         perm = torch.randperm(n, generator=g).to(device)
         for i in range(0, n, batch_size):
@@ -214,7 +209,7 @@ def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, 
     steps = max(1, epochs * math.ceil(n / batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps, warmup=min(100, steps // 10)))
     g = torch.Generator().manual_seed(seed)
-    bar = _progress(range(epochs), epochs, desc, progress)
+    bar = progress_bar(range(epochs), epochs, desc, progress)
     last = float("nan")
     for _ in bar:
         perm = torch.randperm(n, generator=g).numpy()

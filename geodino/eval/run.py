@@ -1,7 +1,8 @@
 """`geodino eval <task>`: score a frozen backbone on LoveDA, GEO-Bench or canopy height.
 
 `run_eval(cfg)` resolves the backbone (a released name, a geodino checkpoint / run directory, or a
-released name plus an official ``.pth`` in ``weights=``), the device (``auto``: CUDA when visible)
+released name plus an official ``.pth`` in ``weights=``), sets up the verb with `geodino.runtime.verb_setup`
+(logging, ``threads`` — torch's thread count is restored afterwards —, the device, ``auto``: CUDA when visible)
 and the run directory (``outputs/eval/<task>/<time>`` unless ``run_dir=``), runs the task and writes
 
 * ``results.json`` — every number, the backbone fingerprint, cache use, timings, the published
@@ -13,8 +14,12 @@ and the run directory (``outputs/eval/<task>/<time>`` unless ``run_dir=``), runs
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import logging
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,12 +28,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from geodino.errors import GeodinoError
+from geodino.eval.features import Extractor, FeatureCache, backbone_fingerprint, contract_hash
+from geodino.eval.published import PUBLISHED, published_markdown
+from geodino.eval.report import write_report
 from geodino.models import load_backbone
-from geodino.runtime import resolve_device
+from geodino.runs import default_run_dir, setup_logging
+from geodino.runtime import verb_setup
 
 log = logging.getLogger("geodino")
 
-TASKS = ("loveda", "geobench", "canopy")
+# Task name -> the module whose `run(ctx)` runs it, imported when the task runs: a run loads only its own
+# dataset reader's dependencies (torchgeo for LoveDA, h5py for GEO-Bench, rasterio for canopy).
+TASK_MODULES = {
+    "loveda": "geodino.eval.tasks.loveda",
+    "geobench": "geodino.eval.tasks.geobench",
+    "canopy": "geodino.eval.tasks.canopy",
+}
 
 
 class EvalContext:
@@ -36,8 +51,6 @@ class EvalContext:
 
     def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path, cache_root: Path | None,
                  persistent: bool = True):
-        from geodino.eval.features import FeatureCache
-
         self.cfg = cfg
         self.task = cfg.task
         self.task_name = str(cfg.task.name)
@@ -74,8 +87,6 @@ class EvalContext:
 
     def extractor(self, in_chans: int | None = None, bands: list[str] | None = None,
                   rgb_indices: list[int] | None = None):
-        from geodino.eval.features import Extractor
-
         model = self.backbone(in_chans, bands, rgb_indices)
         if id(model) not in self._extractors:
             n_layers = int(self.task.get("n_last_layers", 1) or 1)
@@ -91,21 +102,12 @@ def _opt(v) -> str | None:
 
 
 def _task_runner(name: str) -> Callable[[EvalContext], dict]:
-    if name == "loveda":
-        from geodino.eval.tasks.loveda import run as runner
-    elif name == "geobench":
-        from geodino.eval.tasks.geobench import run as runner
-    elif name == "canopy":
-        from geodino.eval.tasks.canopy import run as runner
-    else:
-        raise GeodinoError(f"unknown eval task '{name}'; choose one of: {', '.join(TASKS)}")
-    return runner
+    if name not in TASK_MODULES:
+        raise GeodinoError(f"unknown eval task '{name}'; choose one of: {', '.join(TASK_MODULES)}")
+    return importlib.import_module(TASK_MODULES[name]).run
 
 
 def run_eval(cfg: DictConfig) -> dict:
-    from geodino.runs import setup_logging
-
-    setup_logging()
     task = str(cfg.task.name)
     runner = _task_runner(task)
     if cfg.get("root") in (None, "", "null"):
@@ -114,20 +116,14 @@ def run_eval(cfg: DictConfig) -> dict:
     if not root.exists():
         raise GeodinoError(f"root={root} does not exist")
     threads_before = torch.get_num_threads()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
     try:
-        return _run(cfg, task, runner, root)
+        device = verb_setup(cfg)
+        return _run(cfg, task, runner, root, device)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(cfg: DictConfig, task: str, runner, root: Path) -> dict:
-    from geodino.cpu import apply_run_settings
-    from geodino.runs import default_run_dir, setup_logging
-
-    device = resolve_device(cfg.get("device", "auto"))
-    apply_run_settings(cfg, device)
+def _run(cfg: DictConfig, task: str, runner, root: Path, device: torch.device) -> dict:
     run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else default_run_dir("eval", task)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -142,16 +138,10 @@ def _run(cfg: DictConfig, task: str, runner, root: Path) -> dict:
         return _evaluate(cfg, task, runner, root, ctx, run_dir, device, None if temporary else cache_root)
     finally:
         if temporary:
-            import shutil
-
             shutil.rmtree(cache_root, ignore_errors=True)
 
 
 def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict:
-    from geodino.eval.features import backbone_fingerprint, contract_hash
-    from geodino.eval.published import PUBLISHED, published_markdown
-    from geodino.eval.report import write_report
-
     log.info("geodino eval %s: root=%s backbone=%s weights=%s device=%s run_dir=%s", task, root, cfg.backbone,
              cfg.get("weights"), device, run_dir)
 
@@ -182,7 +172,7 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
     config = OmegaConf.to_container(cfg, resolve=True)
     js, md = write_report(run_dir, results, config=config, title=f"geodino eval {task} — {cfg.backbone}")
     # the published numbers go into the JSON and a section of their own, not into our metric table
-    results["published"] = PUBLISHED.get(task, {})
+    results["published"] = copy.deepcopy(PUBLISHED.get(task, {}))
     js.write_text(json.dumps({"results": results, "config": config}, indent=2, default=str))
     with open(md, "a") as f:
         f.write(published_markdown(task))
@@ -193,8 +183,6 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
 
 def _clean(v: Any) -> Any:
     """JSON-safe numbers: tensors -> floats, NaN / inf -> None (shown as missing, never as a number)."""
-    import math
-
     if isinstance(v, torch.Tensor):
         v = v.item() if v.numel() == 1 else v.tolist()
     if isinstance(v, float) and not math.isfinite(v):

@@ -18,17 +18,20 @@ learned something (issue "The SSL trainer": features must beat the random-init b
 from __future__ import annotations
 
 import numpy as np
+import rasterio
 import torch
 import torch.nn.functional as F
 
+from geodino.data.multicrop import MultiCropAugmentation
 from geodino.data.sample import SENTINEL2_BANDS, sample_sat_path
+from geodino.data.sources.raster import RasterSource
+from geodino.losses import resize_gram_teacher_tokens
+from geodino.train.monitors import gram_agreement
 
 _CLASS_NAMES = ("water", "dense vegetation", "sparse vegetation", "bare / built")
 
 
 def _read_sample() -> torch.Tensor:
-    import rasterio
-
     with rasterio.open(sample_sat_path()) as src:
         arr = src.read().astype(np.float32)
     return torch.from_numpy(arr / 10000.0).clamp_(0, 1)
@@ -71,9 +74,6 @@ def land_cover_probe(backbone, k: int = 5) -> float:
 @torch.no_grad()
 def view_retrieval_probe(backbone, n_chips: int = 64, chip: int = 64, seed: int = 10_000) -> float:
     """Top-1 accuracy of retrieving a chip's second augmented view from its first."""
-    from geodino.data.multicrop import MultiCropAugmentation
-    from geodino.data.sources.raster import RasterSource
-
     contract = backbone.geodino_contract
     src = RasterSource([str(sample_sat_path())], chip_size=chip, length=n_chips, seed=seed)
     aug = MultiCropAugmentation(global_crops_size=chip, local_crops_size=16, local_crops_number=0,
@@ -106,10 +106,6 @@ def gram_agreement_heldout(student, gram_teacher, n_chips: int = 32, size: int =
     """Patch-similarity agreement (geodino.train.gram.gram_agreement) between a student at `size` and a
     Gram teacher at `gram_size` on held-out chips of the sample (same region, teacher tokens resized
     bicubically to the student grid, as in training)."""
-    from geodino.data.sources.raster import RasterSource
-    from geodino.losses import resize_gram_teacher_tokens
-    from geodino.train.monitors import gram_agreement
-
     contract = student.geodino_contract
     src = RasterSource([str(sample_sat_path())], chip_size=size, length=n_chips, seed=seed)
     x = torch.stack([contract.normalize(src[i]) for i in range(n_chips)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from geodino.eval.dense import DenseSpec, extract_windows
-from geodino.eval.features import Extractor, FeatureCache, backbone_fingerprint, normalize
+from geodino.eval.features import Extractor, FeatureCache, backbone_fingerprint
 from geodino.models import load_backbone
 
 
@@ -30,8 +30,7 @@ class _Tiles:
 
 
 def _spec(model):
-    c = model.geodino_contract
-    return DenseSpec(kind="seg", window=32, stride=32, mean=c.mean, std=c.std)
+    return DenseSpec(kind="seg", window=32, stride=32)
 
 
 def test_fingerprint_depends_on_weights_not_only_on_the_contract():
@@ -78,7 +77,7 @@ def test_extractor_features_match_a_manual_forward_with_the_contract_normalisati
     model = load_backbone("geodino_vit_tiny")
     c = model.geodino_contract
     img = torch.rand(1, 3, 32, 32)
-    x = normalize(img, c.mean, c.std)
+    x = c.normalize(img)
     manual = (img - torch.tensor(c.mean).view(1, 3, 1, 1)) / torch.tensor(c.std).view(1, 3, 1, 1)
     torch.testing.assert_close(x, manual)
     cls, grid = Extractor(model, torch.device("cpu"))(x)
@@ -86,5 +85,5 @@ def test_extractor_features_match_a_manual_forward_with_the_contract_normalisati
         out = model.forward_features(manual)
     torch.testing.assert_close(cls, out["x_norm_clstoken"])
     torch.testing.assert_close(grid, out["x_norm_patchtokens"].transpose(1, 2).reshape(1, -1, 2, 2))
-    with pytest.raises(ValueError, match="expects 3 bands but the input has 4"):
-        normalize(torch.rand(4, 8, 8), c.mean, c.std)
+    with pytest.raises(ValueError, match=r"takes 3 bands .* got an input of shape \(4, 8, 8\)"):
+        c.normalize(torch.rand(4, 8, 8))

@@ -205,7 +205,7 @@ def test_sliding_window_stitching_with_an_oracle_head_is_exact(kind):
 
     tiles = _Tiles(kind)
     ex = Extractor(load_backbone("geodino_vit_tiny"), torch.device("cpu"))
-    spec = DenseSpec(kind=kind, window=32, stride=16, mean=[0.5] * 3, std=[0.25] * 3, batch_size=3)
+    spec = DenseSpec(kind=kind, window=32, stride=16, batch_size=3)
     fs = extract_windows(ex, tiles, spec, FeatureCache(None), "test", "k")
     assert fs["feats"].shape[1:] == (96, 2, 2)
     targets = fs["targets"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from geodino.errors import GeodinoError
@@ -12,6 +14,7 @@ from geodino.eval.dense import DenseSpec, TileSet, extract_windows, predict_tile
 from geodino.eval.features import FeatureSet
 from geodino.eval.metrics import RegressionMetric, SegmentationMetric
 from geodino.eval.probes import DenseModel, build_dense_head, train_dense_head
+from geodino.figures import class_map_png, height_map_png, pca_feature_png
 
 log = logging.getLogger("geodino")
 
@@ -29,7 +32,7 @@ def window_features(ctx, extractor, tiles: TileSet, spec: DenseSpec, split: str,
                     transform: dict) -> FeatureSet:
     key = ctx.cache.key(backbone=extractor.fingerprint, dataset=dataset_id, split=split,
                         transform={**transform, "window": spec.window, "stride": spec.stride, "kind": spec.kind,
-                                   "mean": list(spec.mean), "std": list(spec.std),
+                                   "mean": list(extractor.contract.mean), "std": list(extractor.contract.std),
                                    "n_last_layers": extractor.n_last_layers})
     fs = extract_windows(extractor, tiles, spec, ctx.cache, ctx.task_name, key, desc=f"{split} features")
     ctx.note_cache(f"{dataset_id.get('name', ctx.task_name)}/{split}", fs.hit)
@@ -40,8 +43,6 @@ def _pca_figure(ctx, extractor, tiles: TileSet, spec: DenseSpec, tag: str) -> No
     if ctx.n_figures <= 0 or len(tiles) == 0:
         return
     try:
-        from geodino.figures import pca_feature_png
-
         img = tiles.load(0)["image"].float()
         win = spec.window
         pca_feature_png(extractor.backbone, img[:, :win, :win].cpu(), ctx.figures_dir / f"pca_features{tag}.png")
@@ -78,8 +79,6 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
                 per_group.setdefault(g, SegmentationMetric(num_classes, ignore_index, exclude_from_mean, class_names))
                 per_group[g].update(pred, r["target"])
             if r["tile"] < ctx.n_figures:
-                from geodino.figures import class_map_png
-
                 try:
                     img = eval_tiles.load(r["tile"])["image"]
                     class_map_png(img, r["target"], pred, num_classes,
@@ -104,8 +103,6 @@ def evaluate_regression(ctx, extractor, train_tiles: TileSet, eval_tiles: TileSe
     t = ctx.task
     fs_train = window_features(ctx, extractor, train_tiles, train_spec, train_split, dataset_id, transform)
     fs_eval = window_features(ctx, extractor, eval_tiles, eval_spec, eval_split, dataset_id, transform)
-    import numpy as np
-
     tv = np.asarray(fs_train["targets"])[np.asarray(fs_train["valid"])]
     if tv.size == 0:
         raise GeodinoError(f"the {train_split} split has no valid canopy-height pixels")
@@ -123,8 +120,6 @@ def evaluate_regression(ctx, extractor, train_tiles: TileSet, eval_tiles: TileSe
             pred = r["output"][0]
             metric.update(pred, r["target"], r["valid"])
             if r["tile"] < ctx.n_figures:
-                from geodino.figures import height_map_png
-
                 try:
                     img = eval_tiles.load(r["tile"])["image"]
                     height_map_png(img, r["target"], pred, r["valid"],
@@ -139,6 +134,4 @@ def evaluate_regression(ctx, extractor, train_tiles: TileSet, eval_tiles: TileSe
 
 
 def _safe(name: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))[:60]

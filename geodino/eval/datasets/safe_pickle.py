@@ -20,13 +20,16 @@ naming the file and the refused class.
 from __future__ import annotations
 
 import ast
+import builtins
 import collections
 import copyreg
 import datetime
+import importlib
 import io
 import pathlib
 import pickle
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from geodino.errors import DataError
@@ -72,17 +75,6 @@ class GeobenchRecord:
         return f"<{self._pickled_class} {fields}>"
 
 
-_RECORD_TYPES: dict[str, type] = {}
-
-
-def record_type(module: str, name: str) -> type:
-    """One `GeobenchRecord` subclass per pickled class name (so `type(x).__name__` keeps the name)."""
-    qual = f"{module}.{name}"
-    if qual not in _RECORD_TYPES:
-        _RECORD_TYPES[qual] = type(name.replace(".", "_"), (GeobenchRecord,), {"_pickled_class": qual})
-    return _RECORD_TYPES[qual]
-
-
 class AffineStub(tuple):
     """affine.Affine as pickled by affine 2.x: a tuple of its coefficients (a, b, c, d, e, f[, g, h, i])."""
 
@@ -113,9 +105,9 @@ def _crs_from(*args, **kwargs) -> CRSStub:  # CRS.from_wkt / from_epsg / from_di
     return CRSStub(*args)
 
 
-_SAFE_BUILTINS = {"set", "frozenset", "complex", "slice", "range", "bytearray", "object", "tuple", "list", "dict",
-                  "bytes", "str", "int", "float", "bool"}
-_ALLOWED: dict[tuple[str, str], Any] = {
+_SAFE_BUILTINS = frozenset({"set", "frozenset", "complex", "slice", "range", "bytearray", "object", "tuple", "list", "dict",
+                  "bytes", "str", "int", "float", "bool"})
+_ALLOWED: MappingProxyType[tuple[str, str], Any] = MappingProxyType({
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("copyreg", "_reconstructor"): copyreg._reconstructor,
     ("datetime", "datetime"): datetime.datetime,
@@ -133,12 +125,12 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("rasterio.crs", "CRS.from_epsg"): _crs_from,
     ("rasterio.crs", "CRS.from_dict"): _crs_from,
     ("rasterio._crs", "_CRS"): CRSStub,
-}
-_NUMPY = {
+})
+_NUMPY = frozenset({
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
-}
+})
 _RECORD_PREFIXES = ("geobench", "ccb")
 
 
@@ -148,25 +140,29 @@ class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str = "<bytes>"):
         super().__init__(file)
         self.source = source
+        self.record_types: dict[str, type] = {}
+
+    def record_type(self, module: str, name: str) -> type:
+        """One `GeobenchRecord` subclass per pickled class name (so `type(x).__name__` keeps the name)."""
+        qual = f"{module}.{name}"
+        if qual not in self.record_types:
+            self.record_types[qual] = type(name.replace(".", "_"), (GeobenchRecord,), {"_pickled_class": qual})
+        return self.record_types[qual]
 
     def find_class(self, module: str, name: str):
         key = (module, name)
         if key in _ALLOWED:
             return _ALLOWED[key]
         if module == "builtins" and name in _SAFE_BUILTINS:
-            import builtins
-
             return getattr(builtins, name)
         if key in _NUMPY:
-            import importlib
-
             obj = importlib.import_module(module)
             for part in name.split("."):
                 obj = getattr(obj, part)
             return obj
         root = module.split(".", 1)[0]
         if root in _RECORD_PREFIXES:
-            return record_type(module, name)
+            return self.record_type(module, name)
         raise UnsafePickleError(
             f"{self.source}: refusing to unpickle '{module}.{name}' — not in geodino's allow-list for GEO-Bench "
             f"metadata (geobench/ccb classes, affine.Affine, rasterio CRS, datetime, OrderedDict, numpy arrays)"
