@@ -5,8 +5,10 @@ MSE between the student's and the Gram teacher's patch-similarity matrices ``G =
 * ``apply_norm``: L2-normalise every patch token first (``gram.normalized``);
 * ``img_level``: one (P, P) matrix per image, else one (B·P)² matrix over the flattened batch;
 * ``remove_neg``: clamp negative similarities to 0 in both matrices;
-  ``remove_only_teacher_neg``: clamp the teacher's negatives and zero the student entries where both
-  are negative (both options are off in every official config).
+  ``remove_only_teacher_neg``: clamp the teacher's negatives only. (The reference also writes
+  ``student_sim[(student_sim < 0) & (target_sim < 0)] = 0``, but after clamping the target, so that mask is
+  always empty and the student matrix stays as it is; geodino computes what the reference computes.)
+  Both options are off in every official config.
 
 The teacher is a target: it is detached, so no gradient reaches it.
 """
@@ -50,9 +52,7 @@ def gram_loss(
         target = target.clamp(min=0.0)
         sim = sim.clamp(min=0.0)
     elif remove_only_teacher_neg:
-        both_negative = (sim < 0) & (target < 0)  # decided before the teacher is clamped
         target = target.clamp(min=0.0)
-        sim = sim.masked_fill(both_negative, 0.0)
     return F.mse_loss(sim, target)
 
 

@@ -39,8 +39,21 @@ class GramMetaArch(SSLMetaArch):
         self.gram_teacher = gram_teacher
         for p in self.gram_teacher.parameters():
             p.requires_grad_(False)
-        self.gram_loss = GramLoss(apply_norm=bool(g.get("apply_norm", True)), img_level=bool(g.get("img_level", True)),
-                                  remove_neg=bool(g.get("remove_neg", False)))
+        # The reference's keys (ssl_meta_arch.py): gram.normalized (geodino's earlier name apply_norm is still read),
+        # img_level, remove_neg, remove_only_teacher_neg, tokens_used, global_teacher_resize_method / _antialias.
+        normalized = g.get("normalized", g.get("apply_norm", True))
+        if bool(g.get("remove_neg", False)) and bool(g.get("remove_only_teacher_neg", False)):
+            raise ValueError("stage.gram.remove_neg and remove_only_teacher_neg exclude each other (as in the reference)")
+        self.gram_loss = GramLoss(apply_norm=bool(normalized), img_level=bool(g.get("img_level", True)),
+                                  remove_neg=bool(g.get("remove_neg", False)),
+                                  remove_only_teacher_neg=bool(g.get("remove_only_teacher_neg", False)))
+        self.tokens_used = str(g.get("tokens_used", "all"))
+        if self.tokens_used not in ("all", "masked", "unmasked"):
+            raise ValueError(f"stage.gram.tokens_used must be all, masked or unmasked, got '{self.tokens_used}'")
+        if self.tokens_used != "all" and self.gram_loss.img_level:
+            raise ValueError("stage.gram.tokens_used masked / unmasked needs gram.img_level false (as the reference)")
+        self.resize_method = str(g.get("global_teacher_resize_method", "bicubic"))
+        self.resize_antialias = bool(g.get("global_teacher_resize_antialias", False))
         self.gram_weight = float(g.loss_weight) if bool(g.get("use_loss", True)) else 0.0
         self.rep_update = bool(g.get("rep_update", False))
         self.update_frequency = int(g.get("update_frequency", 10000))
@@ -66,8 +79,12 @@ class GramMetaArch(SSLMetaArch):
         patch = self.student.backbone.token_stride
         sg = (batch["collated_global_crops"].shape[-2] // patch, batch["collated_global_crops"].shape[-1] // patch)
         tg = (crops.shape[-2] // patch, crops.shape[-1] // patch)
-        target = resize_gram_teacher_tokens(target, sg, tg, method="bicubic", antialias=False)
+        target = resize_gram_teacher_tokens(target, sg, tg, method=self.resize_method, antialias=self.resize_antialias)
         self._last_agreement = gram_agreement(s_tokens.detach(), target)
+        if self.tokens_used != "all":  # reference: the masked (or unmasked) patches of every image, as (n, D) rows
+            keep = batch["collated_masks"].bool()
+            keep = keep if self.tokens_used == "masked" else ~keep
+            s_tokens, target = s_tokens[keep], target[keep]
         return {"gram": (self.gram_loss(s_tokens, target), self.gram_weight)}
 
     def forward_backward(self, batch: dict[str, Any], teacher_temp: float, extra_losses=None, loss_scale: float = 1.0):

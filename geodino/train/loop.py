@@ -55,7 +55,8 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float, patch_em
     multiplier, last-layer flag, backbone flag) agree (dinov3_spec.md §6):
     - a backbone (`geodino.models.Backbone`) that uses layer-wise decay gets ``d^(L+1−layer_id)``, and its patch
       embedding a further ``patch_embed_lr_mult``; other modules (heads) and ConvNeXt backbones get 1;
-    - weight decay 0 for names ending in ``bias`` or containing ``norm`` or ``gamma`` (the learned tokens decay);
+    - weight decay 0 for names ending in ``bias`` or containing ``norm``, ``gamma`` or ``fourier_w`` (the learned
+      tokens decay);
     - ``last_layer`` parameters are flagged for the last-layer LR schedule.
     """
     groups: dict[tuple, dict] = {}
@@ -70,7 +71,7 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float, patch_em
                 lr_mult = layerwise_decay ** (module.n_layer_ids - module.layer_id(name))
                 if module.is_patch_embed(name):
                     lr_mult *= patch_embed_lr_mult
-            wd_mult = 0.0 if (name.endswith("bias") or "norm" in name or "gamma" in name) else 1.0
+            wd_mult = 0.0 if (name.endswith("bias") or any(k in name for k in ("norm", "gamma", "fourier_w"))) else 1.0
             is_last = "last_layer" in name
             key = (round(lr_mult, 12), wd_mult, is_last, is_backbone)
             g = groups.setdefault(key, {"params": [], "lr_mult": lr_mult, "wd_mult": wd_mult, "is_last_layer": is_last,
@@ -152,6 +153,17 @@ class AugmentedDataset(torch.utils.data.Dataset):
 # The trainer
 # ------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """The schedules' values for one iteration."""
+
+    lr: float
+    last_layer_lr: float
+    wd: float
+    momentum: float
+    teacher_temp: float
+
+
 @dataclass
 class TrainSettings:
     iterations: int
@@ -222,6 +234,9 @@ class Trainer:
         global_batch = settings.batch_size * settings.grad_accum * settings.world_size
         peak = lr_scaled(settings.lr, global_batch, settings.scaling_rule)
         self.lr = cosine_schedule(peak, settings.min_lr, n, warmup=settings.warmup_iterations)
+        # reference `last_layer_lr_schedule`: the LR schedule, 0 for the first freeze_last_layer iterations
+        self.last_layer_lr = self.lr.copy()
+        self.last_layer_lr[: settings.freeze_last_layer_iterations] = 0.0
         self.wd = cosine_schedule(settings.weight_decay, settings.weight_decay_end, n)
         self.momentum = cosine_schedule(settings.momentum, settings.final_momentum, n)
         self.teacher_temp = teacher_temp_schedule(settings.warmup_teacher_temp, settings.teacher_temp,
@@ -288,17 +303,23 @@ class Trainer:
         return self.start_step
 
     # -- one step ---------------------------------------------------------------------------------
-    def _set_schedules(self, step: int) -> None:
+    def schedule(self, step: int) -> StepSchedule:
+        """The schedules' values at `step`."""
+        return StepSchedule(lr=float(self.lr[step]), last_layer_lr=float(self.last_layer_lr[step]),
+                            wd=float(self.wd[step]), momentum=float(self.momentum[step]),
+                            teacher_temp=float(self.teacher_temp[step]))
+
+    def _set_schedules(self, step: int, sch: StepSchedule) -> None:
+        """Reference `apply_optim_scheduler`: lr = (last_layer_lr if is_last_layer else lr) × lr_multiplier,
+        weight_decay = wd × wd_multiplier; plus the backbone's LR 0 while fresh heads warm up."""
         for group in self.optimizer.param_groups:
-            lr = self.lr[step] * group["lr_mult"]
-            if group["is_last_layer"] and step < self.s.freeze_last_layer_iterations:
-                lr = 0.0
+            lr = (sch.last_layer_lr if group["is_last_layer"] else sch.lr) * group["lr_mult"]
             if group.get("is_backbone") and step < self.s.head_warmup_iterations:
                 lr = 0.0
             group["lr"] = lr
-            group["weight_decay"] = self.wd[step] * group["wd_mult"]
+            group["weight_decay"] = sch.wd * group["wd_mult"]
 
-    def _forward_backward(self, data, step: int) -> tuple[dict[str, float], float]:
+    def _forward_backward(self, data, teacher_temp: float) -> tuple[dict[str, float], float]:
         """Forward and backward over `grad_accum` micro-batches; (rank-mean stats, data time)."""
         t_data = 0.0
         stats_acc: dict[str, float] = {}
@@ -308,8 +329,7 @@ class Trainer:
             batch = _to_device(batch, self.device)
             t_data += time.perf_counter() - td
             with self._autocast():
-                _, stats = self.meta.forward_backward(batch, float(self.teacher_temp[step]),
-                                                      loss_scale=1.0 / self.s.grad_accum)
+                _, stats = self.meta.forward_backward(batch, teacher_temp, loss_scale=1.0 / self.s.grad_accum)
             for k, v in stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + v / self.s.grad_accum
         return self.parallel.reduce_stats(stats_acc), t_data  # rank means (identity in one process)
@@ -323,7 +343,7 @@ class Trainer:
                 norms[f"grad_norm_{name}"] = self.parallel.clip_grad_norm_(params, self.s.clip_grad)
         return norms
 
-    def _update(self, step: int, loss: float) -> None:
+    def _update(self, step: int, loss: float, momentum: float) -> None:
         """Optimiser step and EMA, or skip the step on a non-finite loss (abort after more than 2 in a row)."""
         if not math.isfinite(loss):
             self.nan_streak += 1
@@ -337,17 +357,24 @@ class Trainer:
             return
         self.nan_streak = 0
         self.optimizer.step()
-        self.meta.update_ema(float(self.momentum[step]))
+        self.meta.update_ema(momentum)
 
-    def step(self, data, step: int) -> dict:
-        """One training iteration (reference order); returns the metrics row."""
+    def step(self, data, step: int, schedule: StepSchedule | None = None,
+             before_clip: Callable[[], None] | None = None) -> dict:
+        """One training iteration in the reference's order (set LR / WD, zero grads, forward-backward, clip per
+        student module, optimiser step, EMA, stage hook, monitor); returns the metrics row. `schedule` replaces
+        the schedules' values at `step` and `before_clip` is called with the raw gradients in place (both for
+        geodino.testing.reference_step, which replays a recorded official step through this method)."""
         t0 = time.perf_counter()
-        self._set_schedules(step)
+        sch = schedule if schedule is not None else self.schedule(step)
+        self._set_schedules(step, sch)
         self.optimizer.zero_grad(set_to_none=True)
-        stats, t_data = self._forward_backward(data, step)
+        stats, t_data = self._forward_backward(data, sch.teacher_temp)
         t_fb = time.perf_counter()
+        if before_clip is not None:
+            before_clip()
         grad_norms = self._clip()
-        self._update(step, stats["loss"])
+        self._update(step, stats["loss"], sch.momentum)
         hook = getattr(self.meta, "after_step", None)
         if hook is not None:
             stats.update(hook(step) or {})
@@ -357,8 +384,7 @@ class Trainer:
         t_end = time.perf_counter()
         return {
             "step": step, **stats, **grad_norms,
-            "lr": float(self.lr[step]), "wd": float(self.wd[step]), "momentum": float(self.momentum[step]),
-            "teacher_temp": float(self.teacher_temp[step]),
+            "lr": sch.lr, "wd": sch.wd, "momentum": sch.momentum, "teacher_temp": sch.teacher_temp,
             "time_data": t_data, "time_forward_backward": t_fb - t0 - t_data, "time_optim": t_end - t_fb,
             "time_step": t_end - t0,
         }

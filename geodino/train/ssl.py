@@ -77,10 +77,11 @@ class SSLLosses:
     the masked positions. Pretraining, Gram anchoring, high-resolution adaptation and distillation all call
     `compute_losses`; `init_losses` creates the loss modules (their centre buffers are in the checkpoints).
 
-    Weights (dinov3_spec.md §3.5): with n_g = 2 global and n_l local crops, DINO local is
-    ``dino.loss_weight · n_g·n_l / (n_g·n_l + n_g(n_g−1)) · dino.local_loss_weight``, DINO global
-    ``dino.loss_weight · n_g(n_g−1) / (…)``, KoLeo ``dino.koleo_loss_weight`` times the sum over the two global
-    crops, iBOT ``ibot.loss_weight``.
+    Weights (dinov3_spec.md §3.5): with n_g = 2 global and n_l local crops and G = n_g(n_g−1) global pairs (n_g²
+    when ``dino.global_ignore_diagonal`` is false), DINO local is
+    ``dino.loss_weight · n_g·n_l / (n_g·n_l + G) · dino.local_loss_weight``, DINO global
+    ``dino.loss_weight · G / (n_g·n_l + G)``, KoLeo ``dino.koleo_loss_weight`` times the sum over the two global
+    crops, iBOT ``ibot.loss_weight``. Every term is computed even at weight 0, as the reference does.
     """
 
     def init_losses(self, stage_cfg, k_dino: int, k_ibot: int, process_group=None) -> None:
@@ -89,7 +90,8 @@ class SSLLosses:
         self.ibot_patch_loss = iBOTPatchLoss(int(k_ibot), process_group=process_group)
         self.n_local = int(stage_cfg.crops.local_crops_number)
         n_g = 2
-        self.global_terms = n_g * (n_g - 1)
+        # reference `compute_losses`: n_g(n_g-1) global pairs with the diagonal ignored, n_g² without
+        self.global_terms = n_g * (n_g - 1) if bool(stage_cfg.dino.get("global_ignore_diagonal", True)) else n_g**2
         self.local_terms = n_g * self.n_local
         self.process_group = process_group
         # Data parallel (geodino.train.distributed): under DDP `student_calls` maps a student module name to its
@@ -132,8 +134,10 @@ class SSLLosses:
         weights["dino_global"] = dino_w * self.global_terms / total_terms
         koleo_w = float(self.cfg.dino.get("koleo_loss_weight", 0.0))
         world_size = self._world_size()
-        if koleo_w > 0:
-            if world_size > 1:  # neighbours searched in the global batch (dino.koleo_distributed_loss_group_size)
+        if koleo_w > 0 or batch_size >= 2:  # the reference computes (and reports) KoLeo whatever its weight
+            # dino.koleo_distributed (reference `koleo_loss_distributed`, off by default): neighbours searched in
+            # groups of the global batch (dino.koleo_distributed_loss_group_size, null = all); else per rank
+            if world_size > 1 and bool(self.cfg.dino.get("koleo_distributed", False)):
                 group_size = self.cfg.dino.get("koleo_distributed_loss_group_size", None)
                 losses["koleo"] = sum(
                     koleo_loss_distributed(c, group_size=None if group_size is None else int(group_size),
@@ -143,15 +147,13 @@ class SSLLosses:
             else:
                 losses["koleo"] = sum(koleo_loss(c) for c in global_cls.chunk(2)) / 2
             weights["koleo"] = koleo_w * 2
-        ibot_w = float(self.cfg.ibot.loss_weight)
-        mask_indices = batch["mask_indices_list"]
-        # Data parallel: a rank whose slice has no masked patch still scores its (empty) iBOT term, 0, so
-        # the rank mean is the global mean and the iBOT head takes part in every backward (DDP).
-        if ibot_w > 0 and (mask_indices.numel() > 0 or world_size > 1):
-            losses["ibot"] = self.ibot_patch_loss(
-                ibot_logits, teacher["ibot_probs"], batch["collated_masks"],
-                n_masked_patches=int(batch["n_masked_patches"].sum()), masks_weight=batch["masks_weight"])
-            weights["ibot"] = ibot_w
+        # As the reference, the iBOT term is always computed and added (× ibot.loss_weight), also with weight 0
+        # or no masked patch (an empty term is 0): the iBOT head then gets zero gradients, not none, so AdamW still
+        # decays its weights, and under DDP every rank's iBOT head takes part in every backward.
+        losses["ibot"] = self.ibot_patch_loss(
+            ibot_logits, teacher["ibot_probs"], batch["collated_masks"],
+            n_masked_patches=int(batch["mask_indices_list"].shape[0]), masks_weight=batch["masks_weight"])
+        weights["ibot"] = float(self.cfg.ibot.loss_weight)
         return losses, weights, dino_logits[:n_global_imgs]
 
 

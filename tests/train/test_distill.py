@@ -4,6 +4,7 @@ teacher."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -30,6 +31,8 @@ TEACHER_OVERRIDES = [f"stage.dino.head_n_prototypes={K}", f"stage.ibot.head_n_pr
                      "+model.kwargs.layerscale_init=1.0"]
 # ConvNeXt students need crops of at least 32 px (stride 32)
 DISTILL = [*TINY, "stage.crops.local_crops_size=32"]
+# under torchrun, KoLeo over the global batch (the reference default is per rank), so N ranks equal one process
+DISTRIBUTED_KOLEO = "stage.dino.koleo_distributed=true"
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +176,31 @@ def test_one_teacher_pass_serves_every_student_and_only_students_get_gradients()
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
 
 
+def test_distillation_uses_the_pretraining_loss_assembly_and_honours_local_loss_weight():
+    """One loss assembly (train.ssl.SSLLosses.compute_losses) for pretraining and distillation: each student's
+    total is the pretraining weighting of its terms, and stage.dino.local_loss_weight scales the local DINO term."""
+    torch.manual_seed(0)
+    teacher = _teacher()
+    student = build_backbone("geodino_vit_tiny", in_chans=13)
+    totals, terms = {}, {}
+    for w_local in (1.0, 0.25):
+        cfg = cli.compose("train", ["stage=distill", *DISTILL, f"stage.dino.local_loss_weight={w_local}"])
+        torch.manual_seed(1)
+        meta = DistillMetaArch(teacher, {"vit": copy.deepcopy(student)}, cfg.stage)
+        meta.train()
+        _, stats = meta.forward_backward(_batch(cfg), teacher_temp=0.07)
+        totals[w_local] = stats["loss/vit"]
+        terms[w_local] = {t: stats[f"loss_{t}/vit"] for t in ("dino_local", "dino_global", "koleo", "ibot")}
+        n_l, n_g = meta.n_local, 2
+        local, glob = n_g * n_l, n_g * (n_g - 1)  # the diagonal is ignored
+        expected = (w_local * local / (local + glob) * terms[w_local]["dino_local"]
+                    + glob / (local + glob) * terms[w_local]["dino_global"]
+                    + 0.1 * 2 * terms[w_local]["koleo"] + terms[w_local]["ibot"])
+        assert stats["loss/vit"] == pytest.approx(expected, rel=1e-5)
+    assert terms[1.0] == pytest.approx(terms[0.25], rel=1e-6)  # same data and models: same terms, other weight
+    assert totals[1.0] - totals[0.25] == pytest.approx(0.75 * 4 / 6 * terms[1.0]["dino_local"], rel=1e-4)
+
+
 def test_convnext_tokens_are_resized_to_the_teacher_grid():
     x = torch.arange(8.0).view(2, 1, 4).expand(2, 1, 4).contiguous()  # 2 images, a 1x1 grid, D=4
     y = resize_patch_tokens(x, (2, 2))
@@ -280,6 +308,7 @@ def test_distill_under_torchrun_matches_one_process(teacher_run, tmp_path):
     from pathlib import Path
 
     common = ["stage=distill", f"teacher={teacher_run}", "students=[vit_tiny,geodino_convnext_tiny]", *DISTILL,
+              DISTRIBUTED_KOLEO,
               "train.iterations=2", "train.checkpoint_every=2", "stage.agreement_images=0", "device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "geodino.cli",

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - other pytest import modes
     from test_pretrain import TINY
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = [*TINY, "+model.kwargs.layerscale_init=1.0", "train.iterations=3", "train.checkpoint_every=1",
+COMMON = [*TINY, "+model.kwargs.layerscale_init=1.0", "stage.dino.koleo_distributed=true", "train.iterations=3", "train.checkpoint_every=1",
           "train.keep_last=5", "device=cpu"]
 TERMS = ("loss", "loss_dino_local", "loss_dino_global", "loss_koleo", "loss_ibot")
 RTOL = 1e-5
