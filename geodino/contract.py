@@ -113,15 +113,6 @@ class Contract:
             return [available.index(b) for b in self.bands]
         return None
 
-    def require_bands(self, available: Sequence[str], where: str) -> list[int]:
-        """Like `band_indices`, but a missing band is an error naming it, the file and the bands there."""
-        idx = self.band_indices(available)
-        if idx is None:
-            missing = [b for b in self.bands if b not in list(available)]
-            raise DataError(f"band{'s' if len(missing) > 1 else ''} {', '.join(missing)} of {self.name} not found in "
-                            f"{where}; it has {', '.join(available)}")
-        return idx
-
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """(…, C, H, W) values in [0, 1] in the contract's band order -> the backbone's input, (x - mean) / std."""
         if x01.shape[-3] != self.n_bands:

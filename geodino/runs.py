@@ -73,15 +73,17 @@ def setup_logging(path: Path | None = None, level: int = logging.INFO) -> None:
     log.propagate = False
 
 
-def _jsonable(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """Plain JSON values: tensors -> floats / lists, NaN and inf -> None (shown as missing, never as a number),
+    dict keys -> strings. Metrics, summaries and reports all go through this."""
     if isinstance(v, torch.Tensor):
         v = v.detach().float().item() if v.numel() == 1 else v.detach().float().tolist()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+        return None
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -105,7 +107,7 @@ class MetricsWriter:
         self._f = open(self.path, "a", buffering=1)
 
     def write(self, row: dict) -> None:
-        row = {"time": round(time.time(), 3), **_jsonable(row)}
+        row = {"time": round(time.time(), 3), **json_safe(row)}
         self._f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:

@@ -23,10 +23,6 @@ from geodino.errors import DataError
 RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img"}
 
 
-def is_raster_path(path: str | Path) -> bool:
-    return Path(str(path)).suffix.lower() in RASTER_SUFFIXES
-
-
 def band_names(src) -> list[str]:
     """Band descriptions of an open rasterio dataset; ``band_<i>`` (1-based) where a band has none."""
     return [d if d else f"band_{i + 1}" for i, d in enumerate(src.descriptions)]

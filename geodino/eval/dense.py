@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from geodino.errors import GeodinoError
-from geodino.eval.features import Extractor, FeatureCache, FeatureSet, pad_to, progress_bar
+from geodino.eval.features import FeatureCache, FeatureSet, pad_to, progress_bar
+from geodino.models.extract import Extractor
 
 log = logging.getLogger("geodino")
 

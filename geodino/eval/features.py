@@ -33,7 +33,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from geodino.contract import Contract
-from geodino.errors import GeodinoError
 
 log = logging.getLogger("geodino")
 
@@ -69,11 +68,9 @@ def weights_digest(model: nn.Module, samples: int = 4096) -> str:
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
-    fp = getattr(model, "_geodino_eval_fingerprint", None)
-    if fp is None:
-        fp = f"{contract_hash(model.geodino_contract)}-{weights_digest(model)}"
-        model._geodino_eval_fingerprint = fp
-    return fp
+    """The feature-cache identity of a backbone: its contract and a digest of its weights (computed every time,
+    so a model whose weights changed never hits a stale cache)."""
+    return f"{contract_hash(model.geodino_contract)}-{weights_digest(model)}"
 
 
 def files_identity(paths: Sequence[str | Path]) -> str:
@@ -217,53 +214,3 @@ def pad_to(x: torch.Tensor, h: int, w: int, value: float = 0.0) -> torch.Tensor:
 
 def round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
-
-
-def token_grid(n_tokens: int, h: int, w: int) -> tuple[int, int]:
-    """The (rows, cols) grid of `n_tokens` patch tokens for an (h, w) input (ViT: h/p x w/p; ConvNeXt: /32)."""
-    gh = max(1, round(math.sqrt(n_tokens * h / w)))
-    for cand in (gh, gh - 1, gh + 1):
-        if cand > 0 and n_tokens % cand == 0:
-            return cand, n_tokens // cand
-    raise GeodinoError(f"cannot arrange {n_tokens} patch tokens on a grid for a {h}x{w} input")
-
-
-class Extractor:
-    """Frozen backbone -> (cls [B, D], patch grid [B, D, gh, gw]) in float32 on the CPU.
-
-    `n_last_layers > 1` concatenates the normalised outputs of the last n blocks (ViTs only), as the
-    DINOv2/v3 linear evaluations do for their multi-layer variants.
-    """
-
-    def __init__(self, backbone: nn.Module, device: torch.device, n_last_layers: int = 1):
-        self.backbone = backbone.to(device).eval()
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.device = device
-        self.n_last_layers = int(n_last_layers)
-        if self.n_last_layers > 1 and not hasattr(backbone, "get_intermediate_layers"):
-            raise GeodinoError(f"n_last_layers={n_last_layers} needs a ViT backbone with get_intermediate_layers")
-        self.contract = backbone.geodino_contract
-        self.patch_size = self.contract.patch_size
-
-    @property
-    def fingerprint(self) -> str:
-        return backbone_fingerprint(self.backbone)
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(self.device, non_blocking=True).float()
-        h, w = x.shape[-2:]
-        amp = self.device.type == "cuda"
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
-            if self.n_last_layers == 1:
-                out = self.backbone.forward_features(x)
-                cls, patch = out["x_norm_clstoken"], out["x_norm_patchtokens"]
-            else:
-                outs = self.backbone.get_intermediate_layers(x, n=self.n_last_layers, return_class_token=True)
-                patch = torch.cat([o[0] for o in outs], dim=-1)
-                cls = torch.cat([o[1] for o in outs], dim=-1)
-        b, n, d = patch.shape
-        gh, gw = token_grid(n, h, w)
-        patch = patch.float().transpose(1, 2).reshape(b, d, gh, gw)
-        return cls.float().cpu(), patch.cpu()

@@ -6,18 +6,20 @@ import json
 from pathlib import Path
 
 
-def write_report(out_dir: str | Path, results: dict, config: dict | None = None, title: str = "geodino report") -> tuple[Path, Path]:
-    """results.json (every number + config) and report.md (a table of the scalar numbers)."""
+def write_report(out_dir: str | Path, results: dict, config: dict | None = None, title: str = "geodino report",
+                 json_only: dict | None = None, appendix: str = "") -> tuple[Path, Path]:
+    """results.json (every number, `json_only` entries, the config) and report.md (a table of the scalar numbers
+    of `results`, then `appendix`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / "results.json"
-    js.write_text(json.dumps({"results": results, "config": config}, indent=2, default=str))
+    js.write_text(json.dumps({"results": {**results, **(json_only or {})}, "config": config}, indent=2, default=str))
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     for k, v in _flatten(results).items():
         if isinstance(v, (int, float)):
             lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
     md = out_dir / "report.md"
-    md.write_text("\n".join(lines) + "\n")
+    md.write_text("\n".join(lines) + "\n" + appendix)
     return js, md
 
 

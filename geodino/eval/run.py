@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -28,11 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from geodino.errors import GeodinoError
-from geodino.eval.features import Extractor, FeatureCache, backbone_fingerprint, contract_hash
+from geodino.eval.features import FeatureCache, backbone_fingerprint, contract_hash
 from geodino.eval.published import PUBLISHED, published_markdown
 from geodino.eval.report import write_report
 from geodino.models import load_backbone
-from geodino.runs import default_run_dir, setup_logging
+from geodino.models.extract import Extractor
+from geodino.runs import default_run_dir, json_safe, setup_logging
 from geodino.runtime import verb_setup
 
 log = logging.getLogger("geodino")
@@ -168,30 +167,16 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
         "feature_cache": {"dir": None if cache_root is None else str(cache_root), **ctx.cache_log},
         "seconds": round(elapsed, 2),
     }
-    results = _clean(results)
+    results = json_safe(results)
     config = OmegaConf.to_container(cfg, resolve=True)
-    js, md = write_report(run_dir, results, config=config, title=f"geodino eval {task} — {cfg.backbone}")
     # the published numbers go into the JSON and a section of their own, not into our metric table
-    results["published"] = copy.deepcopy(PUBLISHED.get(task, {}))
-    js.write_text(json.dumps({"results": results, "config": config}, indent=2, default=str))
-    with open(md, "a") as f:
-        f.write(published_markdown(task))
+    published = copy.deepcopy(PUBLISHED.get(task, {}))
+    _, md = write_report(run_dir, results, config=config, title=f"geodino eval {task} — {cfg.backbone}",
+                         json_only={"published": published}, appendix=published_markdown(task))
+    results["published"] = published
     log.info("wrote %s and %s", run_dir / "results.json", md)
     print(f"geodino eval {task}: {_headline(results)} -> {run_dir}")
     return results
-
-
-def _clean(v: Any) -> Any:
-    """JSON-safe numbers: tensors -> floats, NaN / inf -> None (shown as missing, never as a number)."""
-    if isinstance(v, torch.Tensor):
-        v = v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
 
 
 def _headline(results: dict) -> str:

@@ -2,8 +2,14 @@
 registry of named sizes (`registry`), building and loading (`builder`) and weight files (`weights`)."""
 
 from .backbone import Backbone
-from .builder import (adapt_bands, adapt_patch_embed, backbone_from_contract, build_backbone, load_backbone,
-                      set_stochastic_depth)
+from .builder import (
+                      adapt_bands,
+                      adapt_patch_embed,
+                      backbone_from_contract,
+                      build_backbone,
+                      load_backbone,
+                      set_stochastic_depth,
+)
 from .convnext import DinoConvNeXt, convnext
 from .heads import DINOHead
 from .registry import ARCHS, arch_names

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from geodino.checkpoint import latest_checkpoint
 from geodino.errors import GeodinoError
-from geodino.runs import default_run_dir, prepare_run_dir, setup_logging
+from geodino.runs import default_run_dir, json_safe, prepare_run_dir, setup_logging
 from geodino.runtime import verb_setup
 from geodino.train.distributed import (
     DistInfo,
@@ -97,7 +97,7 @@ def _summarise(cfg, stage: Stage, history: list[dict], result: dict, run_dir: Pa
     if history:
         summary.update({"loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]})
     summary.update(result.get("summary", {}))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
     print(f"run directory: {run_dir}")
     print(f"checkpoint:    {latest_checkpoint(run_dir / 'checkpoints')}")
     for label, path in result.get("outputs", {}).items():

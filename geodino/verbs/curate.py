@@ -31,6 +31,7 @@ from geodino.data.sources import build_source
 from geodino.data.stats import band_statistics, write_stats_file
 from geodino.errors import DataError, GeodinoError
 from geodino.models import load_backbone
+from geodino.models.extract import Extractor
 from geodino.models.registry import is_arch
 from geodino.runs import default_run_dir, setup_logging
 from geodino.runtime import resolve_device
@@ -108,9 +109,9 @@ def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
         image_size = 224  # photos come in every size
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    emb = embed_source(backbone, src, batch_size=int(cfg.get("batch_size", 64)), out_path=out_dir / EMBEDDINGS_FILE,
-                       progress=progress, indices=np.arange(n), mean=mean, std=std,
-                       image_size=image_size, num_workers=int(cfg.get("num_workers", 0)), device=device)
+    emb = embed_source(Extractor(backbone, device), src, batch_size=int(cfg.get("batch_size", 64)),
+                       out_path=out_dir / EMBEDDINGS_FILE, progress=progress, indices=np.arange(n), mean=mean, std=std,
+                       image_size=image_size, num_workers=int(cfg.get("num_workers", 0)))
     seconds = time.perf_counter() - t0
     spread = float(np.asarray(emb[: min(len(emb), 4096)]).std(0).max())
     if spread < 1e-3:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from geodino.data import curation as cur
+from geodino.models.extract import Extractor
 
 BLOB_SIZES = [10, 20, 40, 80, 160, 320, 640, 1280]
 
@@ -204,7 +205,7 @@ def test_embed_source_streams_normalised_cls_embeddings_to_a_memmap(tmp_path):
                 p.fill_(1.0)
     src = _Images()
     mean, std = [0.5] * 3, [0.25] * 3
-    out = cur.embed_source(model, src, batch_size=4, out_path=tmp_path / "emb.npy", mean=mean, std=std)
+    out = cur.embed_source(Extractor(model, torch.device('cpu')), src, batch_size=4, out_path=tmp_path / "emb.npy", mean=mean, std=std)
     assert isinstance(out, np.memmap) and out.shape == (10, 96) and out.dtype == np.float32
     assert not (tmp_path / "emb.npy.partial").exists()
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
@@ -213,7 +214,7 @@ def test_embed_source_streams_normalised_cls_embeddings_to_a_memmap(tmp_path):
     ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
     np.testing.assert_allclose(out, ref, atol=1e-5)
     assert out.std(0).max() > 1e-2  # rows differ, so the order is checked too
-    sub = cur.embed_source(model, src, batch_size=3, indices=[7, 2], mean=mean, std=std)
+    sub = cur.embed_source(Extractor(model, torch.device('cpu')), src, batch_size=3, indices=[7, 2], mean=mean, std=std)
     np.testing.assert_allclose(sub, ref[[7, 2]], atol=1e-5)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from fakes.eval_fakes import eval_argv, read_results
 
-from geodino.testing import cli_error_lines
 from geodino import cli
+from geodino.testing import cli_error_lines
 
 FAST = ("task.patch=32", "task.stride=16", "task.block_size=16", "task.epochs=15", "task.lr=0.01")
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from geodino.eval.dense import DenseSpec, extract_windows
-from geodino.eval.features import Extractor, FeatureCache, backbone_fingerprint
+from geodino.eval.features import FeatureCache, backbone_fingerprint
 from geodino.models import load_backbone
+from geodino.models.extract import Extractor
 
 
 class _Tiles:
@@ -48,7 +49,7 @@ def test_cache_hit_skips_the_backbone_and_returns_identical_features(tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     model = load_backbone("geodino_vit_tiny")
     ex = Extractor(model, torch.device("cpu"))
-    key = cache.key(backbone=ex.fingerprint, dataset={"name": "fake"}, split="train", transform={"w": 32})
+    key = cache.key(backbone=backbone_fingerprint(ex.backbone), dataset={"name": "fake"}, split="train", transform={"w": 32})
     tiles = _Tiles()
     first = extract_windows(ex, tiles, _spec(model), cache, "fake", key)
     assert not first.hit and tiles.loads == 2
@@ -58,7 +59,7 @@ def test_cache_hit_skips_the_backbone_and_returns_identical_features(tmp_path):
     np.testing.assert_array_equal(np.asarray(first["feats"]), np.asarray(again["feats"]))
     np.testing.assert_array_equal(np.asarray(again["targets"]), np.stack([t["target"].numpy() for t in tiles.items]))
     # another split / transform / backbone gives another key
-    assert cache.key(backbone=ex.fingerprint, dataset={"name": "fake"}, split="val", transform={"w": 32}) != key
+    assert cache.key(backbone=backbone_fingerprint(ex.backbone), dataset={"name": "fake"}, split="val", transform={"w": 32}) != key
     assert cache.key(backbone="other", dataset={"name": "fake"}, split="train", transform={"w": 32}) != key
 
 

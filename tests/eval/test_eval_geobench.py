@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fakes.eval_fakes import eval_argv, read_results
 
-from geodino.testing import cli_error_lines
 from geodino import cli
+from geodino.testing import cli_error_lines
 
 FAST = ("task.epochs=3", "task.knn_k=5", "task.linear_lrs=[0.001,0.01]", "task.batch_size=8")
 

@@ -11,8 +11,8 @@ import pytest
 from fakes.eval_fakes import S2_BANDS, geobench_stubs, make_geobench_task
 
 from geodino.errors import DataError
-from geodino.eval.datasets.safe_pickle import GeobenchRecord, UnsafePickleError, decode_attr_pickle, safe_loads
 from geodino.eval.datasets.geobench import GeobenchTask, find_tasks
+from geodino.eval.datasets.safe_pickle import GeobenchRecord, UnsafePickleError, decode_attr_pickle, safe_loads
 
 
 class _Evil:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from fakes.eval_fakes import eval_argv, read_results
 
-from geodino.testing import cli_error_lines
 from geodino import cli
+from geodino.testing import cli_error_lines
 
 FAST = ("task.window=32", "task.stride=16", "task.epochs=2", "task.batch_size=4")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from geodino.eval.dense import DenseSpec, extract_windows, predict_tiles, starts, window_positions
-from geodino.eval.features import Extractor, FeatureCache
+from geodino.eval.features import FeatureCache
+from geodino.models.extract import Extractor
 from geodino.eval.metrics import RegressionMetric, SegmentationMetric, classification_scores
 from geodino.eval.probes import knn_scores
 

@@ -72,30 +72,29 @@ def _stack_same_size(xs):
     return torch.stack(xs)
 
 
-def embed_source(backbone, source, batch_size: int = 64, out_path: str | Path | None = None, progress: bool = False,
+def embed_source(extractor, source, batch_size: int = 64, out_path: str | Path | None = None, progress: bool = False,
                  *, indices: Sequence[int] | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, image_size: int | None = None, num_workers: int = 0,
-                 device="cpu") -> np.ndarray:
+                 std: Sequence[float] | None = None, image_size: int | None = None,
+                 num_workers: int = 0) -> np.ndarray:
     """L2-normalised CLS embeddings of `source[i]` for i in `indices` (default: all), in order.
 
     With `out_path` the rows stream to a float32 ``.npy`` memmap (written as ``<out>.partial`` and
     renamed when complete) and the returned array is that file opened read-only with
     ``mmap_mode='r'``; otherwise an in-memory array. Images are normalised with `mean`/`std` and, if
     `image_size` is set (or sizes vary), resized (short side) and centre-cropped to a square.
-    `backbone` follows the geodino backbone protocol (geodino.models.backbone): ``token_stride`` and
-    ``forward_features(x)["x_norm_clstoken"]``; it is passed in, never imported (data sits below models).
+    `extractor` is a frozen-feature extractor (geodino.models.extract.Extractor: ``token_stride`` and
+    ``extractor(x) -> (cls, patches)`` on the CPU); it is passed in, never imported (data sits below models).
     """
     indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
     n = len(indices)
     if n == 0:
         raise DataError("nothing to embed: the source is empty")
-    patch = int(backbone.token_stride)
+    patch = int(extractor.token_stride)
     view = _EmbedView(source, indices, image_size, patch)
     loader = torch.utils.data.DataLoader(view, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
                                          collate_fn=_stack_same_size)
     mean_t = None if mean is None else torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
     std_t = None if std is None else torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-    backbone = backbone.to(device).eval()
     out = None
     tmp = None
     if out_path is not None:
@@ -103,18 +102,17 @@ def embed_source(backbone, source, batch_size: int = 64, out_path: str | Path | 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(out_path.name + ".partial")
     pos = 0
-    with torch.inference_mode():
-        for x in tqdm(loader, desc="embedding", total=len(loader), disable=not progress):
-            if mean_t is not None:
-                x = (x - mean_t) / std_t
-            cls = backbone.forward_features(x.to(device))["x_norm_clstoken"]
-            e = F.normalize(cls.float(), dim=-1).cpu().numpy()
-            if out is None:
-                shape = (n, e.shape[1])
-                out = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                       if tmp is not None else np.empty(shape, dtype=np.float32))
-            out[pos:pos + len(e)] = e
-            pos += len(e)
+    for x in tqdm(loader, desc="embedding", total=len(loader), disable=not progress):
+        if mean_t is not None:
+            x = (x - mean_t) / std_t
+        cls, _ = extractor(x)
+        e = F.normalize(cls, dim=-1).numpy()
+        if out is None:
+            shape = (n, e.shape[1])
+            out = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                   if tmp is not None else np.empty(shape, dtype=np.float32))
+        out[pos:pos + len(e)] = e
+        pos += len(e)
     if tmp is None:
         return out
     out.flush()

@@ -185,11 +185,9 @@ class RasterSource(torch.utils.data.Dataset):
                                     f"{cls.__name__} scene {k.replace('{band}', missing[0])} (file missing; "
                                     f"bands on disk: {have})")
             self.files = [scenes[k][bands[0]] for k in keys]
-            self.all_band_names = list(bands) if not cls.all_bands else list(cls.all_bands)
             self.band_names = list(bands)
         else:
             self.files = [scenes[k]["*"] for k in keys]
-            self.all_band_names = list(names)
             idx = select_bands(names, list(bands) if bands is not None else None, where=str(self.files[0]))
             self.band_names = [names[i] for i in idx]
             for f in self.files:
@@ -216,7 +214,6 @@ class RasterSource(torch.utils.data.Dataset):
                     f"raster {f} has bands {other}, but {self.files[0]} has {names}; "
                     "a source needs one band layout (split it into several sources)"
                 )
-        self.all_band_names = names
         idx = select_bands(names, list(bands) if bands is not None else None, where=str(self.files[0]))
         self.band_names = [names[i] for i in idx]
         self.nodata = 0.0 if nodata is None else float(nodata)

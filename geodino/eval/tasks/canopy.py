@@ -17,6 +17,7 @@ from geodino.eval.dense import DenseSpec
 from geodino.eval.features import files_identity
 from geodino.eval.tasks.common import evaluate_regression
 
+
 def run(ctx) -> dict:
     t = ctx.task
     root = ctx.root

@@ -11,7 +11,7 @@ import torch
 
 from geodino.errors import GeodinoError
 from geodino.eval.dense import DenseSpec, TileSet, extract_windows, predict_tiles
-from geodino.eval.features import FeatureSet
+from geodino.eval.features import FeatureSet, backbone_fingerprint
 from geodino.eval.metrics import RegressionMetric, SegmentationMetric
 from geodino.eval.probes import DenseModel, build_dense_head, train_dense_head
 from geodino.figures import class_map_png, height_map_png, pca_feature_png
@@ -30,7 +30,7 @@ def heads_of(value) -> list[str]:
 
 def window_features(ctx, extractor, tiles: TileSet, spec: DenseSpec, split: str, dataset_id: dict,
                     transform: dict) -> FeatureSet:
-    key = ctx.cache.key(backbone=extractor.fingerprint, dataset=dataset_id, split=split,
+    key = ctx.cache.key(backbone=backbone_fingerprint(extractor.backbone), dataset=dataset_id, split=split,
                         transform={**transform, "window": spec.window, "stride": spec.stride, "kind": spec.kind,
                                    "mean": list(extractor.contract.mean), "std": list(extractor.contract.std),
                                    "n_last_layers": extractor.n_last_layers})

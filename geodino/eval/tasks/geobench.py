@@ -22,7 +22,7 @@ from geodino.data.bands import rgb_indices
 from geodino.errors import DataError, GeodinoError
 from geodino.eval.datasets.geobench import GeobenchTask, GeobenchTiles, find_tasks
 from geodino.eval.dense import DenseSpec
-from geodino.eval.features import files_identity, pad_to, progress_bar, round_up
+from geodino.eval.features import backbone_fingerprint, files_identity, pad_to, progress_bar, round_up
 from geodino.eval.metrics import classification_scores
 from geodino.eval.probes import fit_linear_probe, knn_scores, probe_scores
 from geodino.eval.tasks.common import evaluate_segmentation
@@ -38,7 +38,7 @@ def _files_id(task: GeobenchTask, names: Sequence[str]) -> str:
 def classification_features(ctx, extractor, task: GeobenchTask, split: str, names: list[str], band_mode: str,
                             scaling: str):
     """CLS and average-pooled patch features plus labels of one split (cached); samples of equal size are batched."""
-    key = ctx.cache.key(backbone=extractor.fingerprint,
+    key = ctx.cache.key(backbone=backbone_fingerprint(extractor.backbone),
                         dataset={"task": task.name, "root": str(task.path.resolve()), "partition": task.partition_name,
                                  "files": _files_id(task, names)},
                         split=split, transform={"bands": band_mode, "scaling": scaling,
