@@ -12,6 +12,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+import yaml  # PyYAML arrives with hydra-core / omegaconf
+
 
 def configs_dir() -> Path:
     """The folder holding the packaged Hydra configs."""
@@ -20,7 +22,6 @@ def configs_dir() -> Path:
 
 def model_configs() -> dict[str, dict]:
     """configs/model/<stem>.yaml -> {"name": registry name, "kwargs": {...}}."""
-    import yaml  # PyYAML arrives with hydra-core / omegaconf
 
     out = {}
     for p in sorted(group_files("model").values()):

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def to_uint8_rgb(img: torch.Tensor, rgb: Sequence[int] | None) -> np.ndarray:
@@ -40,7 +41,6 @@ def pca_feature_png(backbone: torch.nn.Module, image: torch.Tensor, out: str | P
                     rgb: Sequence[int] | None = None, upscale: int = 4) -> Path:
     """Save [input RGB | PCA of patch features] as a PNG. `image` is (C, H, W) in [0, 1] in the backbone's band
     order; it is normalised with the backbone's contract."""
-    from PIL import Image
 
     patch = backbone.token_stride
     c, h, w = image.shape
@@ -86,8 +86,6 @@ def _ramp(x: np.ndarray) -> np.ndarray:
 
 
 def _row(panels: Sequence[np.ndarray], out: str | Path, scale: int) -> Path:
-    from PIL import Image
-
     ims = [Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST) for p in panels]
     w = sum(im.width for im in ims) + 8 * (len(ims) - 1)
     canvas = Image.new("RGB", (w, max(im.height for im in ims)), (255, 255, 255))

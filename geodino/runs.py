@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -46,8 +47,6 @@ class _StderrHandler(logging.StreamHandler):
 
     @property
     def stream(self):
-        import sys
-
         return sys.stderr
 
     @stream.setter

@@ -11,6 +11,7 @@ drives the trainer); nothing in geodino imports it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -52,7 +53,6 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
 def cli_error_lines(stderr: str) -> list[str]:
     """The lines of a CLI run's stderr that are not geodino's timestamped log lines (progress logs may
     precede a failure; the failure itself must be one `error: ...` line)."""
-    import re
 
     log_line = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
     return [line for line in stderr.strip().splitlines() if line.strip() and not log_line.match(line)]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import rasterio
 
 from geodino.errors import DataError
 
@@ -30,7 +31,6 @@ def band_names(src) -> list[str]:
 
 def raster_bands(path: str | Path) -> tuple[list[str], float | None]:
     """(band names, nodata value) of a raster file."""
-    import rasterio
 
     try:
         with rasterio.open(path) as src:
@@ -76,7 +76,6 @@ def read_scaled(path: str | Path, wanted: Sequence[str] | None = None, scale: fl
 
     `wanted` picks bands as `pick_bands`; `scale` None uses `default_scale` of the file's data type. ``info`` holds
     the path, band names read, nodata, CRS, transform and the scale used."""
-    import rasterio
 
     path = Path(str(path)).expanduser()
     try:

@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 
 __all__ = [
@@ -343,11 +344,7 @@ class MultiCropAugmentation:
     # ------------------------------------------------------------------------------------------------ input handling
 
     def _to_tensor(self, image: Any) -> torch.Tensor:
-        try:
-            from PIL import Image
-        except ImportError:  # pragma: no cover
-            Image = None
-        if Image is not None and isinstance(image, Image.Image):
+        if isinstance(image, Image.Image):
             if self.n_bands == 3 and image.mode != "RGB":
                 image = image.convert("RGB")
             img = F.pil_to_tensor(image)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from geodino.errors import DataError
 
@@ -25,7 +26,6 @@ def band_statistics(source, n: int = 64, progress: bool = False, info: dict | No
                     indices: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
     """(mean, std) per band over items `indices` (default the first `n`). `info`, when given, receives the item,
     pixel and excluded-pixel counts."""
-    from tqdm.auto import tqdm
 
     if indices is None:
         n = min(int(n), len(source))

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from geodino.errors import CheckpointError
@@ -27,8 +29,6 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"weights file {path} does not exist")
     meta: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
@@ -123,8 +123,6 @@ def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official") ->
     if fmt == "official":
         torch.save(sd, out)
     else:
-        from safetensors.torch import save_file
-
         contract = getattr(model, "geodino_contract", None)
         meta = {"format": "dinov3-official-keys",
                 "geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}

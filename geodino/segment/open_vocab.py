@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip import zero_shot_metadata as z
+from PIL import Image
 
 from geodino.contract import Contract
 from geodino.data.geotiff import default_scale, read_scaled
@@ -62,8 +64,6 @@ RS_TEMPLATES: tuple[str, ...] = (
 
 
 def _open_clip_templates(name: str) -> tuple[str, ...]:
-    from open_clip import zero_shot_metadata as z
-
     table = {"openai": z.OPENAI_IMAGENET_TEMPLATES, "simple": z.SIMPLE_IMAGENET_TEMPLATES}[name]
     return tuple(t("{}") for t in table)
 
@@ -225,8 +225,6 @@ class OpenVocabSegmenter:
                 raise DataError(f"image {path} does not exist")
             if path.suffix.lower() in (".tif", ".tiff", ".vrt", ".jp2", ".img"):
                 return self._load_raster(path, scale)
-            from PIL import Image
-
             try:
                 with Image.open(path) as im:
                     im.load()
@@ -234,11 +232,7 @@ class OpenVocabSegmenter:
             except Exception as e:
                 raise DataError(f"cannot read image {path}: {e}") from e
             info["path"] = str(path)
-        try:
-            from PIL import Image as _PIL
-        except ImportError:  # pragma: no cover
-            _PIL = None
-        if _PIL is not None and isinstance(image, _PIL.Image):
+        if isinstance(image, Image.Image):
             if self.in_chans == 3:
                 arr = np.asarray(image.convert("RGB"))
             elif self.in_chans == 1:

@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import rasterio
 from omegaconf import OmegaConf
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.windows import Window
 
 from geodino.data.geotiff import band_names, pick_bands, valid_mask
 from geodino.errors import DataError, GeodinoError
@@ -69,7 +72,6 @@ def label_values(n_classes: int, background: bool, in_nodata) -> tuple[int | Non
 def preview_png(labels: np.ndarray, class_names: list[str], out: Path, background: bool, nodata_value,
                 title: str = "") -> Path:
     """Colour preview (label values 1..K, K+1 background, nodata) with a legend on the right."""
-    from PIL import Image, ImageDraw, ImageFont
 
     k = len(class_names)
     lut = np.zeros((256, 3), np.uint8)
@@ -110,8 +112,6 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
                    preview: bool = True, preview_size: int = 1024, progress: bool = True, scale: float | None = None,
                    gdal_cache_mb: int = 64, compress: str = "deflate") -> dict:
     """Segment a GeoTIFF window by window into ``out`` (see module doc); returns the summary dict."""
-    import rasterio
-    from rasterio.windows import Window
 
     prompts = check_prompts(prompts)
     if background is not None and not 0.0 <= float(background) <= 1.0:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from geodino.errors import GeodinoError
 
@@ -116,7 +117,6 @@ def blend_tiles(height: int, width: int, tile: int, overlap: int, read: Callable
     peak_pending = 0
     n_tiles = len(starts_y) * len(starts_x)
 
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=n_tiles, desc=desc, unit="tile", disable=not progress, dynamic_ncols=True)
     try:

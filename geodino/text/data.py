@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import rasterio
 import torch
 import torch.nn.functional as F
 
@@ -161,8 +162,6 @@ class CaptionSource(torch.utils.data.Dataset):
 
     def read(self, path: Path) -> torch.Tensor:
         if path.suffix.lower() in RASTER_SUFFIXES:
-            import rasterio
-
             try:
                 with rasterio.open(path) as src:
                     names = band_names(src)

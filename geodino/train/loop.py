@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from geodino import checkpoint as ckpt_io
 from geodino.data.collate import collate_data_and_cast
@@ -396,8 +397,6 @@ class Trainer:
                      " ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("loss_")))
 
     def fit(self, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-        from tqdm.auto import tqdm
-
         s = self.s
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after_step=self.start_step - 1) if self.is_main else None
         self.meta.train()

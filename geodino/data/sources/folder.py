@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from geodino.data.lists import read_file_list
 from geodino.errors import DataError
@@ -60,8 +61,6 @@ class FolderSource(torch.utils.data.Dataset):
         return 3
 
     def _check(self, path: Path) -> bool:
-        from PIL import Image
-
         try:
             with Image.open(path) as im:
                 w, h = im.size
@@ -91,7 +90,6 @@ class FolderSource(torch.utils.data.Dataset):
 
 def read_photo(path: str | Path) -> torch.Tensor:
     """An image file as a float32 RGB tensor (3, H, W) in [0, 1]; a clear error names a bad file."""
-    from PIL import Image
 
     try:
         with Image.open(path) as im:

@@ -28,12 +28,18 @@ Chip lists: `chip_indices` restricts the source to a list of chip indices (as wr
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import rasterio
 import torch
+import torchgeo.datasets as tgd
+from torchgeo.datasets import RasterDataset
+from torchgeo.samplers.utils import get_random_bounding_box
 
 from geodino.data.bands import select_bands, sensor_bands
 from geodino.data.geotiff import RASTER_SUFFIXES, raster_bands
@@ -63,7 +69,6 @@ SENSOR_DATASETS = {"sentinel2": "Sentinel2", "landsat8": "Landsat8", "landsat9":
 
 def sensor_dataset_class(sensor: str):
     """torchgeo's RasterDataset subclass for a named sensor."""
-    import torchgeo.datasets as tgd
 
     try:
         return getattr(tgd, SENSOR_DATASETS[sensor.lower()])
@@ -84,8 +89,6 @@ def find_sensor_scenes(paths: Sequence[str | Path], sensor: str) -> tuple[dict[s
     Returns ({scene key: {band: file}}, the sensor's band names in canonical order). For one-file
     sensors (NAIP) each file is a scene holding every band (key '*').
     """
-    import fnmatch
-    import re
 
     cls = sensor_dataset_class(sensor)
     names = _sensor_band_names(sensor, cls)
@@ -140,8 +143,6 @@ class RasterSource(torch.utils.data.Dataset):
         sensor: str | None = None,
         chip_indices: Sequence[int] | None = None,
     ):
-        from torchgeo.datasets import RasterDataset
-
         self.sensor = None
         if sensor and str(sensor).lower() in SENSOR_DATASETS:
             scenes, sensor_names = find_sensor_scenes(paths, str(sensor))
@@ -191,8 +192,6 @@ class RasterSource(torch.utils.data.Dataset):
             idx = select_bands(names, list(bands) if bands is not None else None, where=str(self.files[0]))
             self.band_names = [names[i] for i in idx]
             for f in self.files:
-                import rasterio
-
                 with rasterio.open(f) as src:
                     if src.count < max(idx) + 1:
                         raise DataError(f"band {names[max(idx)]} not found in {f}: it has {src.count} bands, "
@@ -260,8 +259,6 @@ class RasterSource(torch.utils.data.Dataset):
         return self.length
 
     def _draw(self, sub_seed: int) -> tuple[torch.Tensor, float]:
-        from torchgeo.samplers.utils import get_random_bounding_box
-
         g = torch.Generator().manual_seed(sub_seed)
         k = self._usable[int(torch.multinomial(self._probs, 1, generator=g))]
         xs, ys = get_random_bounding_box(self._bounds[k], self._size_m, self.res, generator=g)
