@@ -21,13 +21,13 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from geodino.errors import GeodinoError
 
 __all__ = ["OutputWriteError", "atomic_output", "atomic_write_bytes", "atomic_write_text", "check_outputs",
-           "output_dir", "write_error", "write_errors"]
+           "output_dir", "write_error", "write_errors", "write_new"]
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 _READ_ONLY = {errno.EROFS}
@@ -178,17 +178,24 @@ def atomic_output(path: str | Path, needs_bytes: int | None = None) -> Iterator[
         _fsync_dir(path.parent)
 
 
+def write_new(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` (str: UTF-8) to a new file ``path`` (e.g. the name `atomic_output` yields), all of it."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return Path(path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path).expanduser()
     with atomic_output(path, needs_bytes=len(data)) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to open()
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        write_new(tmp, data)
     return path
 
 

@@ -10,8 +10,14 @@ import pytest
 
 from geodino import outputs
 from geodino.errors import GeodinoError
-from geodino.outputs import (OutputWriteError, atomic_output, atomic_write_bytes, atomic_write_text, check_outputs,
-                             output_dir)
+from geodino.outputs import (
+    OutputWriteError,
+    atomic_output,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_outputs,
+    output_dir,
+)
 
 
 def test_check_outputs_refuses_inputs_collisions_folders_and_existing_files(tmp_path):
@@ -44,10 +50,9 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path):
     atomic_write_bytes(path, b"two")
     assert path.read_text() == "two" and sorted(p.name for p in path.parent.iterdir()) == ["a.json"]
     assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()
-    with pytest.raises(RuntimeError):
-        with atomic_output(path) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_output(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert path.read_text() == "two" and sorted(p.name for p in path.parent.iterdir()) == ["a.json"]
 
 
@@ -79,10 +84,9 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch)
                                         (errno.EDQUOT, "disk quota exceeded writing")])
 def test_read_only_permission_and_quota_errors_are_one_line(tmp_path, code, text):
     target = tmp_path / "x.json"
-    with pytest.raises(OutputWriteError, match=text) as e:
-        with atomic_output(target) as tmp:
-            tmp.write_text("partial")
-            raise OSError(code, os.strerror(code))
+    with pytest.raises(OutputWriteError, match=text) as e, atomic_output(target) as tmp:
+        tmp.write_text("partial")
+        raise OSError(code, os.strerror(code))
     assert str(target) in str(e.value) and list(tmp_path.iterdir()) == []
 
 
@@ -102,9 +106,8 @@ def test_a_read_only_folder(tmp_path, monkeypatch):
     try:
         with pytest.raises(OutputWriteError, match=expect):
             atomic_write_text(target, "x")
-        with pytest.raises(OutputWriteError, match=expect):
-            with output_dir(folder / "run"):
-                pass
+        with pytest.raises(OutputWriteError, match=expect), output_dir(folder / "run"):
+            pass
     finally:
         folder.chmod(0o755)
     assert list(folder.iterdir()) == []
@@ -113,14 +116,12 @@ def test_a_read_only_folder(tmp_path, monkeypatch):
 def test_output_dir_removes_only_what_a_failed_command_created(tmp_path):
     keep = tmp_path / "keep"
     keep.mkdir()
-    with pytest.raises(ValueError):
-        with output_dir(keep / "a" / "b" / "run") as run:
-            (run / "config.yaml").write_text("x")
-            raise ValueError("bad input")
+    with pytest.raises(ValueError), output_dir(keep / "a" / "b" / "run") as run:
+        (run / "config.yaml").write_text("x")
+        raise ValueError("bad input")
     assert list(keep.iterdir()) == []
-    with pytest.raises(ValueError):
-        with output_dir(keep):
-            raise ValueError("bad input")
+    with pytest.raises(ValueError), output_dir(keep):
+        raise ValueError("bad input")
     assert keep.is_dir()
     with output_dir(keep / "ok") as run:
         (run / "results.json").write_text("{}")
