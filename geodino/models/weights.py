@@ -18,6 +18,7 @@ from torch import nn
 
 from geodino.errors import CheckpointError
 from geodino.models.registry import ARCHS
+from geodino.outputs import atomic_output
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -206,17 +207,18 @@ EXPORT_FORMATS = ("official", "safetensors")
 
 
 def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official") -> Path:
-    """Write a backbone as an official-layout ``.pth`` or a safetensors file with its contract in the metadata."""
+    """Write a backbone as an official-layout ``.pth`` or a safetensors file with its contract in the metadata,
+    atomically (geodino.outputs: a full disk leaves no partial file and is one line)."""
     if fmt not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format '{fmt}'; choose {' or '.join(EXPORT_FORMATS)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sd = official_state_dict(model)
-    if fmt == "official":
-        torch.save(sd, out)
-    else:
-        contract = getattr(model, "geodino_contract", None)
-        meta = {"format": "dinov3-official-keys",
-                "geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
-        save_file(sd, str(out), metadata=meta)
+    with atomic_output(out, needs_bytes=sum(v.numel() * v.element_size() for v in sd.values())) as tmp:
+        if fmt == "official":
+            torch.save(sd, tmp)
+        else:
+            contract = getattr(model, "geodino_contract", None)
+            meta = {"format": "dinov3-official-keys",
+                    "geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
+            save_file(sd, str(tmp), metadata=meta)
     return out
