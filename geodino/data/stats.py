@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from geodino.errors import DataError
+from geodino.outputs import atomic_write_text
 
 STATS_FORMAT = "geodino band stats v1"  # the "format" of a band_stats.json (`geodino curate action=stats`)
 
@@ -74,12 +75,9 @@ def band_statistics(source, n: int = 64, progress: bool = False, info: dict | No
 def write_stats_file(path: str | Path, bands: Sequence[str], mean: Sequence[float], std: Sequence[float],
                      **meta) -> Path:
     """A band statistics file: format tag, band names, mean and std (in [0, 1] units), plus how they were made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": STATS_FORMAT, "bands": list(bands), "mean": [float(m) for m in mean],
            "std": [float(s) for s in std], **meta}
-    path.write_text(json.dumps(doc, indent=2))
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=2))
 
 
 def load_stats_file(path, band_names: list[str], scale: float | None = None) -> tuple[list[float], list[float]]:
