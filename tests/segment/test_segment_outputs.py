@@ -22,16 +22,6 @@ from geodino.testing import cli_error_lines
 PROMPTS = ["building", "road", "water", "forest"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_geodino_logging():
-    logger = logging.getLogger("geodino")
-    before = list(logger.handlers)
-    yield
-    for h in list(logger.handlers):
-        if h not in before:
-            logger.removeHandler(h)
-
-
 @pytest.fixture
 def scene(tmp_path):
     from fakes.synthetic import texture_scene, write_geotiff
@@ -146,5 +136,8 @@ def test_a_text_model_over_a_random_backbone_warns(micro3, tmp_path):
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("geodino").addHandler(handler)
-    geodino.OpenVocabSegmenter.from_checkpoint(ckpt)
+    try:
+        geodino.OpenVocabSegmenter.from_checkpoint(ckpt)
+    finally:
+        logging.getLogger("geodino").removeHandler(handler)
     assert any("RANDOMLY initialised frozen backbone" in r.getMessage() for r in records)
