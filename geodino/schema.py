@@ -323,9 +323,10 @@ def _task_stride(t: dict) -> Check:
 # ------------------------------------------------------------------------------------------------
 
 PATH = Opt(Path())
+SEED = Int(ge=0)  # numpy's generators refuse negative seeds
 RUNTIME = {  # keys every verb that runs a model shares
     "device": Opt(Device()),
-    "threads": Opt(Int(ge=1, note="null: torch's default")),
+    "threads": Opt(Int(ge=0, note="0 or null: torch's default")),
     "progress": Bool(),
     "cpu_malloc_cache": Bool(),
 }
@@ -336,11 +337,19 @@ HEAD = {  # a DINO / iBOT head
     "head_bottleneck_dim": Int(ge=1),
     "head_nlayers": Int(ge=1),
 }
+OPTIM = {  # an optimiser (the SSL stages': optim.*, the text stage's: stage.optim.*)
+    "lr": Float(ge=0),
+    "min_lr": Float(ge=0),
+    "warmup_iterations": Int(ge=0),  # longer than the run is allowed
+    "weight_decay": Float(ge=0),
+    "betas": List(Float(ge=0, lt=1), length=2),
+    "clip_grad": Float(ge=0, note="0: no clipping"),
+}
 
 TRAIN: dict[str, Entry] = {
     **RUNTIME,
     "run_dir": PATH,
-    "seed": Int(),
+    "seed": SEED,
     "init": PATH,
     "teacher": PATH,
     "students": one_or_list(Str(), min_len=0),
@@ -360,15 +369,10 @@ TRAIN: dict[str, Entry] = {
     "train.pca_png": Bool(),
     "train.monitor_every": Int(ge=0, note="0: off"),
     "train.monitor_images": Int(ge=1),
-    "optim.lr": Float(ge=0),
-    "optim.min_lr": Float(ge=0),
-    "optim.warmup_iterations": Int(ge=0),
-    "optim.weight_decay": Float(ge=0),
+    **{f"optim.{k}": c for k, c in OPTIM.items()},
     "optim.weight_decay_end": Float(ge=0),
-    "optim.betas": List(Float(ge=0, lt=1), length=2),
     "optim.layerwise_decay": Float(gt=0, le=1),
     "optim.patch_embed_lr_mult": Float(ge=0),
-    "optim.clip_grad": Float(ge=0, note="0: no clipping"),
     "optim.freeze_last_layer_iterations": Int(ge=0),
     "optim.scaling_rule": OneOf("none", "sqrt_wrt_1024"),
     "ema.momentum": Float(ge=0, le=1),
@@ -446,12 +450,7 @@ STAGE: dict[str, Entry] = {
     "freeze_logit_scale": Bool(),
     "crops.size": _crop(),
     "crops.scale": Span(lo_open=True),
-    "optim.lr": Float(ge=0),
-    "optim.min_lr": Float(ge=0),
-    "optim.warmup_iterations": Int(ge=0),
-    "optim.weight_decay": Float(ge=0),
-    "optim.betas": List(Float(ge=0, lt=1), length=2),
-    "optim.clip_grad": Float(ge=0, note="0: no clipping"),
+    **{f"optim.{k}": c for k, c in OPTIM.items()},  # the text stage's own optimiser
 }
 
 DATA: dict[str, Entry] = {
@@ -539,7 +538,7 @@ EVAL: dict[str, Entry] = {
     "backbone": Str(),
     "weights": PATH,
     "run_dir": PATH,
-    "seed": Int(),
+    "seed": SEED,
     "cache_features": Bool(),
     "cache_dir": PATH,
     "num_workers": Int(ge=0),
@@ -574,7 +573,7 @@ CURATE: dict[str, Entry] = {
     "out": PATH,
     "n_samples": Int(ge=1),
     "levels": List(Int(ge=1), min_len=1),
-    "seed": Int(),
+    "seed": SEED,
     "stats_chips": Int(ge=1),
     "embeddings": PATH,
     "pool_size": Opt(Int(ge=1)),
@@ -667,8 +666,8 @@ def _text(t: dict) -> Iterator[Problem]:
         return
     cls, patches = _get(t, "stage.vision.use_class_token", True), _get(t, "stage.vision.use_patch_tokens", True)
     if not (cls or patches):
-        yield ("stage.vision.use_patch_tokens", False, "and stage.vision.use_class_token=false leave no image "
-               "embedding; allowed: at least one of them true")
+        yield ("stage.vision.use_patch_tokens", False, "with stage.vision.use_class_token=false too, no image "
+               "embedding is left; allowed: at least one of them true")
     dim = _get(t, "stage.embed_dim")
     if cls and patches and _is_int(dim) and dim % 2:
         yield ("stage.embed_dim", dim, "odd, but the image embedding is [cls || patch] in two halves; "
@@ -732,7 +731,7 @@ def _model_bands(t: dict) -> Iterator[Problem]:
     in_chans, bands = _get(t, "model.in_chans"), _get(t, "data.bands")
     if _meta_arch(t) == "ssl" and not _get(t, "stage.predecessors") and _is_int(in_chans) \
             and isinstance(bands, list) and in_chans != len(bands):
-        yield ("model.in_chans", in_chans, f"but data.bands selects {len(bands)} bands; "
+        yield ("model.in_chans", in_chans, f"does not fit data.bands, which selects {len(bands)} bands; "
                f"allowed: {len(bands)}, or null (the data's band count)")
 
 
