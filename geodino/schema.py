@@ -140,12 +140,13 @@ class Path(Check):
 
 
 class OneOf(Check):
-    def __init__(self, *choices: str):
-        self.choices = choices
-        self.allowed = f"one of {', '.join(choices)}"
+    def __init__(self, *choices: str, ignore_case: bool = False, note: str = ""):
+        self.choices, self.ignore_case = choices, ignore_case
+        self.allowed = _noted(f"one of {', '.join(choices)}", note)
 
     def problem(self, v):
-        return None if isinstance(v, str) and v in self.choices else "unknown value"
+        ok = isinstance(v, str) and (v.lower() if self.ignore_case else v) in self.choices
+        return None if ok else "unknown value"
 
 
 class Device(Check):
@@ -460,7 +461,7 @@ DATA: dict[str, Entry] = {
     "paths": Opt(one_or_list(Path())),
     "filename_glob": Str(),
     "bands": Opt(List(Str(), min_len=1)),
-    "sensor": Opt(OneOf(*SENSORS)),
+    "sensor": Opt(OneOf(*SENSORS, ignore_case=True)),  # null: generic GeoTIFFs
     "chip_size": Int(ge=1),
     "scale": Opt(Float(gt=0)),
     "mean": Opt(List(Float(), min_len=1)),

@@ -79,6 +79,7 @@ BAD = [
     ("train", ["data.nodata_max_fraction=1.5"], "data.nodata_max_fraction"),
     ("train", ["data.nodata_max_fraction=-0.1"], "data.nodata_max_fraction"),
     ("train", ["data.chip_size=0"], "data.chip_size"),
+    ("train", ["data.sensor=sentinel3"], "data.sensor"),
     ("train", ["data.std=[0.1,0]"], "data.std"),
     ("train", ["data.bands=[B04,B03,B02]", "data.mean=[0.1]", "data.std=[0.1]"], "data.mean"),
     ("train", ["data=sample_nat", "data.mean=[0.5]"], "data.mean"),
@@ -192,9 +193,11 @@ def test_every_problem_is_named_on_the_one_line():
     assert msg.endswith("(also wrong: train.batch_size, optim.lr)")
 
 
-def test_warmup_longer_than_training_is_allowed():
+def test_allowed_edge_values():
+    # warm-up longer than the run; sensor names in any case (the raster reader lower-cases them); 0 threads
     schema.validate("train", cli.compose("train", ["train.iterations=5", "optim.warmup_iterations=10",
-                                                   "ema.warmup_teacher_temp_iterations=50"]))
+                                                   "ema.warmup_teacher_temp_iterations=50", "data.sensor=Sentinel2",
+                                                   "threads=0", "train.batch_size=2"]))
 
 
 def test_plain_dicts_and_missing_values():
