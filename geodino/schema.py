@@ -803,11 +803,11 @@ def _plain(node):
                 pass
         return out
     if isinstance(node, ListConfig):
-        return [_show_missing(node, i) for i in range(len(node))]
+        return [_plain_item(node, i) for i in range(len(node))]
     return node
 
 
-def _show_missing(node: ListConfig, i: int):
+def _plain_item(node: ListConfig, i: int):
     try:
         return "???" if OmegaConf.is_missing(node, i) else _plain(node[i])
     except OmegaConfBaseException:
