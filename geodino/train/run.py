@@ -20,6 +20,7 @@ from geodino.checkpoint import Checkpoint, latest_checkpoint
 from geodino.errors import GeodinoError
 from geodino.runs import RunLock, claim_run_dir, json_safe, prepare_run_dir, setup_logging
 from geodino.runtime import verb_setup
+from geodino.schema import validate
 from geodino.train.distributed import (
     DistInfo,
     broadcast_object,
@@ -34,7 +35,9 @@ log = logging.getLogger("geodino")
 
 
 def run_train(cfg) -> Path:
-    """`geodino train`, in one process or on every rank of a `torchrun` launch (train.parallel: ddp | fsdp2)."""
+    """`geodino train`, in one process or on every rank of a `torchrun` launch (train.parallel: ddp | fsdp2).
+    The config is validated first (geodino.schema), before the process group, the data or the model."""
+    validate("train", cfg)
     setup_logging()
     caller_group = is_distributed_initialized()  # a caller's process group stays up
     dist_info = init_distributed(str(cfg.device))
