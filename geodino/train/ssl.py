@@ -67,6 +67,10 @@ def teacher_forward(teacher: nn.ModuleDict, dino_loss, ibot_patch_loss, global_c
     else:
         dino_probs = dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
         ibot_probs = ibot_patch_loss.softmax_center_teacher(ibot_logits.unsqueeze(0), teacher_temp).squeeze(0)
+        # the reference's order: centre with the running centre, then start its EMA update from this batch
+        # (applied by the next softmax_center_teacher call); without it the centre stays 0 = no centring
+        dino_loss.update_center(dino_logits)
+        ibot_patch_loss.update_center(ibot_logits)
     return {"cls": cls, "patches": patches, "dino_probs": dino_probs, "ibot_probs": ibot_probs}
 
 
