@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from rasterio.windows import Window
 
-from geodino.data.geotiff import band_names, pick_bands, valid_mask
+from geodino.data.geotiff import band_names, dataset_tags, pick_bands, resolve_scaling, valid_mask
 from geodino.errors import DataError, GeodinoError
 from geodino.runs import default_run_dir
 from geodino.runtime import verb_setup
@@ -141,7 +141,9 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
             in_nodata = src.nodata
             H, W = src.height, src.width
             out_nodata, notes = label_values(k, bg, in_nodata)
-            s = scale if scale is not None else segmenter.scale_for(src.dtypes[idx[0]])
+            scaling = resolve_scaling(input_path, src.dtypes[idx[0]], dataset_tags(src, bands),
+                                      scale if scale is not None else segmenter.scale, segmenter.offset,
+                                      segmenter.contract.offset)
             profile = dict(driver="GTiff", dtype="uint8", count=2 if scores else 1, width=W, height=H, crs=src.crs,
                            transform=src.transform, nodata=out_nodata, tiled=True, blockxsize=256, blockysize=256,
                            compress=compress, BIGTIFF="IF_SAFER", interleave="band")
@@ -151,7 +153,7 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
             def read(y, x, h, w):
                 arr = src.read(bands, window=Window(x, y, w, h))
                 valid = valid_mask(arr, in_nodata)
-                x01 = np.clip(arr.astype(np.float32) / s, 0.0, 1.0)
+                x01 = scaling.apply(arr.astype(np.float32))
                 x01[:, ~valid] = 0.0
                 return x01, valid
 
