@@ -464,6 +464,7 @@ DATA: dict[str, Entry] = {
     "sensor": Opt(OneOf(*SENSORS, ignore_case=True)),  # null: generic GeoTIFFs
     "chip_size": Int(ge=1),
     "scale": Opt(Float(gt=0)),
+    "offset": Opt(Float()),
     "mean": Opt(List(Float(), min_len=1)),
     "std": Opt(List(Float(gt=0), min_len=1)),
     "stats_file": PATH,
@@ -559,6 +560,7 @@ SEGMENT: dict[str, Entry] = {
     "blend": OneOf("linear", "cosine", "none"),
     "patch_features": OneOf("head", "backbone"),
     "scale": Opt(Float(gt=0)),
+    "offset": Opt(Float()),
     "scores": Bool(),
     "preview": Bool(),
     "preview_size": Int(ge=1),
@@ -681,9 +683,6 @@ def _text(t: dict) -> Iterator[Problem]:
 
 def _data_source(prefix: str, d: dict) -> Iterator[Problem]:
     kind = d.get("kind")
-    if kind == "raster" and "scale" in d and d["scale"] is None:
-        yield (f"{prefix}.scale", None, "a raster source divides digital numbers by it; allowed: a number > 0 "
-               "(e.g. 10000 for Sentinel-2 L1C, 255 for 8-bit rasters)")
     bands = d.get("bands")
     n_bands, what = (len(bands), f"{prefix}.bands") if isinstance(bands, list) else \
         (3, "the R, G, B photos") if kind == "folder" else (None, "")
