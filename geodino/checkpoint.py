@@ -16,18 +16,27 @@ Files are written to a temporary name, fsynced and renamed (`save_atomic`), so a
 a truncated checkpoint; the last ``keep_last`` training checkpoints are kept. `Checkpoint.open(path)` reads any of
 them (a run directory resolves to its latest checkpoint) and answers the questions every caller asks — which
 stage, which step, which contract, which backbone weights — so no other module parses the layout.
+
+Loading never executes code: every file holds only tensors, numbers, strings, lists, tuples and dicts (configs as
+plain containers, RNG states as tensors and numbers; `save_atomic` refuses anything else), and is read with
+``torch.load(weights_only=True)``. A file that needs more — a pickle from an older geodino, or one that was tampered
+with — is refused with a message; a trusted one converts once with
+``python -m geodino.checkpoint convert OLD NEW --trust``.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from geodino.contract import Contract
 from geodino.errors import CheckpointError
@@ -44,14 +53,44 @@ _STEP_RE = re.compile(r"step_(\d+)\.pt$")
 # Writing and finding files
 # ------------------------------------------------------------------------------------------------
 
+def plain(obj: Any, where: str = "checkpoint") -> Any:
+    """`obj` as the types ``torch.load(weights_only=True)`` accepts: tensors, numbers, strings, bytes, None, and
+    lists / tuples / dicts of those. numpy arrays and scalars, paths, OmegaConf containers and contracts are
+    converted; anything else is an error naming where it is (so no file is written that cannot be read safely)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy()) if obj.dtype != np.uint32 else torch.from_numpy(obj.astype(np.int64))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Contract):
+        return obj.to_dict()
+    if OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        out = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return out if isinstance(obj, list) else tuple(out)
+    raise CheckpointError(f"{where} holds a {type(obj).__name__}, which a safe (weights-only) checkpoint cannot store")
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
+    """Write `obj` (made `plain`) to `path` through a temporary file, fsync and rename."""
     path = Path(path)
+    obj = plain(obj, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a partial file behind (disk full, killed, ...)
+        raise
     return path
 
 
@@ -95,15 +134,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and numbers (weights-only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -130,13 +176,59 @@ def backbone_payload(backbone_state: dict, contract: Contract, **extra) -> dict:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """The raw dict of a geodino checkpoint file (a run directory resolves to its latest checkpoint)."""
+    """The raw dict of a geodino checkpoint file (a run directory resolves to its latest checkpoint), read with
+    ``torch.load(weights_only=True)``: loading never runs code from the file."""
     path = resolve_checkpoint(path)
     try:
-        # Our own checkpoints hold python objects (config, RNG states): trusted files only.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).lower() and "weights only" not in str(e).lower():
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"{path} holds Python objects beyond tensors and plain values (a checkpoint from an older geodino, or a "
+            "modified file) and is refused: loading it could run code. If you trust where it came from, convert it "
+            f"once with: python -m geodino.checkpoint convert {path} <new file> --trust"
+        ) from None
     except Exception as e:  # corrupt / truncated / not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def convert_legacy(path: str | Path, out: str | Path) -> Path:
+    """Rewrite a TRUSTED pickle-era checkpoint in the safe format (this one call unpickles it in full)."""
+    src, out = Path(path), Path(out)
+    if src.resolve() == out.resolve():
+        raise CheckpointError(f"convert writes a new file; {out} is the input")
+    obj = torch.load(src, map_location="cpu", weights_only=False)  # noqa: S614 -- the user vouched for this file
+    if isinstance(obj, dict) and isinstance(obj.get("rng", {}).get("numpy"), tuple):
+        kind, keys, pos, has_gauss, cached = obj["rng"]["numpy"]
+        obj["rng"]["numpy"] = (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
+                               float(cached))
+    return save_atomic(obj, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m geodino.checkpoint convert OLD NEW --trust``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m geodino.checkpoint", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    conv = sub.add_parser("convert", help="rewrite a trusted checkpoint of an older geodino in the safe format")
+    conv.add_argument("old")
+    conv.add_argument("new")
+    conv.add_argument("--trust", action="store_true", help="I trust this file: it may run code when unpickled")
+    args = ap.parse_args(argv)
+    if not args.trust:
+        print("error: converting unpickles the whole file, which can run code it contains; pass --trust if you "
+              "trust where it came from", file=sys.stderr)
+        return 2
+    try:
+        out = convert_legacy(args.old, args.new)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Checkpoint.open(out)  # proves the result loads safely
+    print(f"wrote {out}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,3 +346,7 @@ class Checkpoint:
             if not self.has_state(prefix):
                 raise CheckpointError(f"{what}={self.path} has no {prefix.rstrip('.')} weights (keys {prefix}*)")
         return self
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

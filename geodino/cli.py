@@ -281,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(info())
             return 0
         cfg = compose(parsed.verb, parsed.overrides)
+        from geodino.schema import validate
+
+        validate(parsed.verb, cfg)  # every value, before any data is read or any model built
         if parsed.print_cfg:
             from omegaconf import OmegaConf
 

@@ -2,10 +2,12 @@
 
 A `Contract` names the architecture (registry name, family and constructor kwargs, hence patch size and input
 channels), the bands in the order the first layer expects them, the per-band normalisation (mean / std on values
-already scaled to [0, 1]), how raw data reach [0, 1] (`input_scale`, a description), and how the first layer was
-adapted from RGB weights when it was. Every backbone carries one as ``model.geodino_contract``; checkpoints and
-exported files store ``contract.to_dict()`` (the on-disk layout, ``contract_version`` 1), and `Contract.from_dict`
-reads it back with an error that names a missing or malformed key.
+already scaled to [0, 1]), how raw data reach [0, 1] (`input_scale`, a description, and the numbers `scale` /
+`offset`: ``clip((DN + offset) / scale, 0, 1)``, `scale` None when not recorded or left to the data type), and how
+the first layer was adapted from RGB weights when it was. Every backbone carries one as ``model.geodino_contract``;
+checkpoints and exported files store ``contract.to_dict()`` (the on-disk layout, ``contract_version`` 1; files
+written before `scale` / `offset` existed read back as None / 0), and `Contract.from_dict` reads it back with an
+error that names a missing or malformed key.
 
 This is the only place that turns scaled pixels into a backbone's input (`normalize`) and that maps a list of
 band names onto the contract's band order (`band_indices`).
@@ -49,6 +51,8 @@ class Contract:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     input_scale: str = RGB_INPUT_SCALE
     band_adaptation: dict | None = None
+    scale: float | None = None  # clip((DN + offset) / scale, 0, 1); None: not recorded / the data type's default
+    offset: float = 0.0  # in DN, added before dividing (e.g. -1000 for Sentinel-2 from processing baseline 04.00)
 
     def __post_init__(self):
         kwargs = dict(self.kwargs)
@@ -58,6 +62,8 @@ class Contract:
         object.__setattr__(self, "bands", bands)
         object.__setattr__(self, "mean", [float(m) for m in self.mean])
         object.__setattr__(self, "std", [float(s) for s in self.std])
+        object.__setattr__(self, "scale", None if self.scale is None else float(self.scale))
+        object.__setattr__(self, "offset", float(self.offset or 0.0))
         if len(bands) != n:
             raise CheckpointError(f"contract of {self.name}: {len(bands)} band names ({', '.join(bands)}) for "
                                   f"{n} input channels")
@@ -83,7 +89,8 @@ class Contract:
     # -- changes -----------------------------------------------------------------------------------
     def with_data(self, bands: Sequence[str] | None = None, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, input_scale: str | None = None,
-                  band_adaptation: dict | None | str = "keep") -> "Contract":
+                  band_adaptation: dict | None | str = "keep", scale: float | None | str = "keep",
+                  offset: float | None = None) -> "Contract":
         """A copy with the data-side fields replaced (architecture unchanged)."""
         return replace(
             self,
@@ -92,6 +99,8 @@ class Contract:
             std=list(std) if std is not None else list(self.std),
             input_scale=input_scale if input_scale is not None else self.input_scale,
             band_adaptation=self.band_adaptation if band_adaptation == "keep" else band_adaptation,
+            scale=self.scale if scale == "keep" else scale,
+            offset=self.offset if offset is None else offset,
         )
 
     def subset(self, indices: Sequence[int], name: str | None = None, family: str | None = None,
@@ -102,7 +111,7 @@ class Contract:
         kw["in_chans"] = len(idx)
         return Contract(name or self.name, family or self.family, kw, bands=[self.bands[i] for i in idx],
                         mean=[self.mean[i] for i in idx], std=[self.std[i] for i in idx],
-                        input_scale=self.input_scale)
+                        input_scale=self.input_scale, scale=self.scale, offset=self.offset)
 
     # -- use ---------------------------------------------------------------------------------------
     def band_indices(self, available: Sequence[str], where: str = "") -> list[int] | None:
@@ -135,6 +144,8 @@ class Contract:
             "mean": list(self.mean),
             "std": list(self.std),
             "input_scale": self.input_scale,
+            "scale": self.scale,
+            "offset": self.offset,
             "band_adaptation": copy.deepcopy(self.band_adaptation),
         }
 
@@ -155,7 +166,7 @@ class Contract:
         return cls(name=str(d["name"]), family=str(d["family"]), kwargs=kwargs,
                    bands=list(d.get("bands") or []), mean=list(d.get("mean") or IMAGENET_MEAN),
                    std=list(d.get("std") or IMAGENET_STD), input_scale=str(d.get("input_scale", RGB_INPUT_SCALE)),
-                   band_adaptation=d.get("band_adaptation"))
+                   band_adaptation=d.get("band_adaptation"), scale=d.get("scale"), offset=d.get("offset") or 0.0)
 
     def summary(self) -> str:
         return f"{self.name} ({self.family}, patch {self.patch_size}, {self.in_chans} bands: {', '.join(self.bands)})"

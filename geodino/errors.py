@@ -16,3 +16,7 @@ class CheckpointError(GeodinoError):
 
 class DataError(GeodinoError):
     """A data source problem: missing files, missing bands, unreadable rasters."""
+
+
+class ConfigError(GeodinoError):
+    """A config value its key does not allow (geodino.schema), found before any data is read."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import sys
 import time
 from datetime import datetime
@@ -21,22 +23,114 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from geodino.errors import GeodinoError
+
 log = logging.getLogger("geodino")
 
 
+class RunFolderBusy(GeodinoError):
+    """Another run holds the run folder (see `RunLock`)."""
+
+
 def default_run_dir(verb: str, name: str, base: str | Path = "outputs") -> Path:
+    """``<base>/<verb>/<name>/<date_time>``: a name for a new run folder (not created; see `claim_run_dir`)."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return Path(base) / verb / name / stamp
 
 
+def claim_run_dir(verb: str, name: str, base: str | Path = "outputs") -> Path:
+    """Create a new, unique run folder: `default_run_dir`, with ``-1``, ``-2``... appended when another run took
+    that name (two runs started in the same second never share a folder: the creation is atomic)."""
+    first = default_run_dir(verb, name, base)
+    first.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(10_000):
+        cand = first if i == 0 else first.with_name(f"{first.name}-{i}")
+        try:
+            cand.mkdir()
+            return cand
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot find a free run folder name next to {first}")  # pragma: no cover
+
+
 def prepare_run_dir(run_dir: str | Path, cfg=None) -> Path:
-    """Create the run directory, write the config snapshot and attach a file log handler."""
+    """Create the run directory, write the config snapshot (unless one is there: a resumed run keeps the config it
+    started with; geodino.train.run records changes in config_history.yaml) and attach a file log handler."""
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if cfg is not None:
+    if cfg is not None and not (run_dir / "config.yaml").exists():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     setup_logging(run_dir / "run.log")
     return run_dir
+
+
+class RunLock:
+    """One run per run folder: ``<run_dir>/.lock`` holds the pid, host and start time of the run using it.
+
+    `acquire` creates it atomically (O_EXCL); a lock left by a process that no longer runs on this host is stale and
+    replaced (with a warning); a live holder — or a holder on another host, which cannot be checked — is a one-line
+    error naming it. `release` removes the lock if it is still ours."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by another user
+            return True
+        return True
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv)}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                pid, host = holder.get("pid"), holder.get("host")
+                if isinstance(pid, int) and host == me["host"] and not self._alive(pid):
+                    log.warning("removing the stale lock of pid %d (no longer running) on %s", pid, self.run_dir)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if not holder:  # being written this instant, or unreadable: give the writer a moment
+                    time.sleep(0.2)
+                    holder = self._holder()
+                    if not holder:
+                        continue
+                raise RunFolderBusy(
+                    f"run folder {self.run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('started')}: wait for that run to finish or pass another run_dir= (if it is gone, "
+                    f"delete {self.path})")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunFolderBusy(f"cannot take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held and self._holder().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -34,11 +34,15 @@ SENTINEL2 = (
     Band("B09", 945.1, 60), Band("B10", 1373.5, 60), Band("B11", 1613.7, 20),
     Band("B12", 2202.4, 20),
 )
-# Landsat 8/9 OLI + TIRS (Collection 2 band names as torchgeo uses them).
+# Landsat 8/9 OLI + TIRS, Collection 2 file band names: Level-2 surface reflectance / temperature (as torchgeo names
+# them), then Level-1 (B8 panchromatic at 15 m, B9 cirrus, B10/B11 thermal).
 LANDSAT89 = (
     Band("SR_B1", 443, 30), Band("SR_B2", 482, 30, "B"), Band("SR_B3", 562, 30, "G"),
     Band("SR_B4", 655, 30, "R"), Band("SR_B5", 865, 30), Band("SR_B6", 1609, 30),
     Band("SR_B7", 2201, 30), Band("ST_B10", 10895, 100),
+    Band("B1", 443, 30), Band("B2", 482, 30, "B"), Band("B3", 562, 30, "G"), Band("B4", 655, 30, "R"),
+    Band("B5", 865, 30), Band("B6", 1609, 30), Band("B7", 2201, 30), Band("B8", 590, 15), Band("B9", 1373, 30),
+    Band("B10", 10895, 100), Band("B11", 12005, 100),
 )
 # NAIP 4-band aerial imagery.
 NAIP = (Band("R", 635, 0.6, "R"), Band("G", 555, 0.6, "G"), Band("B", 465, 0.6, "B"), Band("NIR", 845, 0.6))

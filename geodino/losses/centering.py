@@ -64,5 +64,7 @@ class SoftmaxCentering(nn.Module):
         self._pending = None
         if handle is not None:
             handle.wait()
+        if float(stats[-1]) <= 0:  # no samples in the whole group (e.g. no masked patch this step)
+            return
         batch_center = (stats[:-1] / stats[-1]).float().reshape(self.center.shape).to(self.center.device)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

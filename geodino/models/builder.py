@@ -135,7 +135,8 @@ def adapt_bands(model: nn.Module, in_chans: int, bands: Sequence[str] | None = N
         new_mean[dst], new_std[dst] = contract.mean[src], contract.std[src]
     new_model.geodino_contract = Contract(
         contract.name, contract.family, kwargs, bands=list(bands) if bands is not None else default_band_names(in_chans),
-        mean=new_mean, std=new_std, input_scale=contract.input_scale, band_adaptation=rule,
+        mean=new_mean, std=new_std, input_scale=contract.input_scale, band_adaptation=rule, scale=contract.scale,
+        offset=contract.offset,
     )
     return new_model
 

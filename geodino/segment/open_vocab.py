@@ -24,8 +24,9 @@ bilinearly to the input resolution and turned into class probabilities with a so
 
 Inputs: numpy arrays (HWC or CHW; 2-D for one band), PIL images, torch tensors (CHW or 1CHW) or a path (GeoTIFF
 of any band count, or a photo). GeoTIFFs and integer arrays are divided by the checkpoint's data scale (when the
-run did not fix one: 255 for 8-bit data, 10000 otherwise, as in training); float arrays and tensors are taken as
-already in [0, 1]; photos are divided by 255.
+run did not fix one: the data type's default, geodino.data.geotiff, as in training; GeoTIFFs also get their
+product's offset, else the contract's); float arrays and tensors are taken as already in [0, 1]; photos are divided
+by 255.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class OpenVocabSegmenter:
 
     def __init__(self, model, contract: Contract, scale: float | None = None, device: str | torch.device = "cpu",
                  patch_features: str = "head", tile: int = 512, overlap: int = 64, blend: str = "linear",
-                 info: dict | None = None):
+                 info: dict | None = None, offset: float | None = None):
         if not isinstance(model, DinoTxt):
             raise GeodinoError(f"OpenVocabSegmenter needs a dino.txt model, got {type(model).__name__}")
         if not model.cfg.use_patch_tokens:
@@ -192,7 +193,8 @@ class OpenVocabSegmenter:
         self.bands = list(self.contract.bands)
         self.in_chans = self.contract.in_chans
         self.patch = self.contract.patch_size
-        self.scale = None if scale is None else float(scale)
+        self.scale = self.contract.scale if scale is None else float(scale)
+        self.offset = None if offset is None else float(offset)  # None: the raster's product's, else the contract's
         self.patch_features = patch_features
         self.tile = int(tile)
         self.overlap = int(overlap)
@@ -308,7 +310,8 @@ class OpenVocabSegmenter:
 
     def _load_raster(self, path: Path, scale) -> tuple[torch.Tensor, np.ndarray, dict]:
         # as in training (geodino.text.data): raster values / scale, clipped to [0, 1], bands by name
-        x, valid, info = read_scaled(path, self.bands, scale if scale is not None else self.scale)
+        x, valid, info = read_scaled(path, self.bands, scale if scale is not None else self.scale, self.offset,
+                                     fallback_offset=self.contract.offset)
         return torch.from_numpy(x), valid, info
 
     # -- prediction -----------------------------------------------------------------------------------------------

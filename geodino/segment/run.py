@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from rasterio.windows import Window
 
-from geodino.data.geotiff import band_names, pick_bands, valid_mask
+from geodino.data.geotiff import band_names, dataset_tags, pick_bands, resolve_scaling, valid_mask
 from geodino.errors import DataError, GeodinoError
 from geodino.outputs import atomic_output, check_outputs, output_dir, write_new
 from geodino.runs import default_run_dir
@@ -117,11 +117,9 @@ def preview_png(labels: np.ndarray, class_names: list[str], out: Path, backgroun
 def output_files(out: str | Path, input_path: str | Path, preview: bool = True, overwrite: bool = False,
                  checkpoint: str | Path | None = None) -> dict[str, Path]:
     """The files ``segment`` writes for ``out`` ({"labels", "summary"[, "preview"]}), refused (one line) before any
-    work when ``out`` is not a GeoTIFF name, the input is missing, or an output would overwrite the input, the
-    checkpoint, another output or (without ``overwrite``) an existing file."""
+    work when ``out`` is not a GeoTIFF name or an output would overwrite the input, the checkpoint, another output
+    or (without ``overwrite``) an existing file."""
     input_path = Path(str(input_path)).expanduser()
-    if not input_path.is_file():
-        raise DataError(f"input raster {input_path} does not exist")
     out = Path(str(out)).expanduser()
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise GeodinoError(f"out={out}: the labels are written as a GeoTIFF, so out must end in .tif or .tiff "
@@ -143,6 +141,8 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
     if background is not None and not 0.0 <= float(background) <= 1.0:
         raise GeodinoError(f"background is a probability threshold in [0, 1], got {background}")
     input_path = Path(str(input_path)).expanduser()
+    if not input_path.is_file():
+        raise DataError(f"input raster {input_path} does not exist")
     files = output_files(out, input_path, preview, overwrite, segmenter.info.get("checkpoint"))
     out = files["labels"]
     with output_dir(out.parent), contextlib.ExitStack() as written:
@@ -173,7 +173,9 @@ def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[s
             in_nodata = src.nodata
             H, W = src.height, src.width
             out_nodata, notes = label_values(k, bg, in_nodata)
-            s = scale if scale is not None else segmenter.scale_for(src.dtypes[idx[0]])
+            scaling = resolve_scaling(input_path, src.dtypes[idx[0]], dataset_tags(src, bands),
+                                      scale if scale is not None else segmenter.scale, segmenter.offset,
+                                      segmenter.contract.offset)
             profile = dict(driver="GTiff", dtype="uint8", count=2 if scores else 1, width=W, height=H, crs=src.crs,
                            transform=src.transform, nodata=out_nodata, tiled=True, blockxsize=256, blockysize=256,
                            compress=compress, BIGTIFF="IF_SAFER", interleave="band")
@@ -183,7 +185,7 @@ def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[s
             def read(y, x, h, w):
                 arr = src.read(bands, window=Window(x, y, w, h))
                 valid = valid_mask(arr, in_nodata)
-                x01 = np.clip(arr.astype(np.float32) / s, 0.0, 1.0)
+                x01 = scaling.apply(arr.astype(np.float32))
                 x01[:, ~valid] = 0.0
                 return x01, valid
 

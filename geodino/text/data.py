@@ -8,7 +8,7 @@ Caption files:
 
 Relative paths are resolved against ``root`` (default: the caption file's folder). Images are photos (jpg, png,
 ... read as RGB / 255) or GeoTIFFs of any band count (scaled like geodino.data.sources.raster: digital numbers /
-``scale``, clipped to [0, 1]; ``scale`` null means 255 for 8-bit rasters and 10000 otherwise). Every image of one
+``scale``, clipped to [0, 1]; ``scale`` null means the data type's default, geodino.data.geotiff). Every image of one
 caption file must have the same band count. Nodata pixels (all bands equal to the file's nodata value) become 0
 after normalisation (the band mean).
 

@@ -30,6 +30,7 @@ from torch import nn
 from geodino.checkpoint import DINOTXT_KIND
 from geodino.contract import IMAGENET_MEAN, IMAGENET_STD
 from geodino.data.bands import rgb_indices
+from geodino.data.geotiff import DEFAULT_SCALE_RULE
 from geodino.errors import CheckpointError, DataError, GeodinoError
 from geodino.models import build_backbone, load_backbone
 from geodino.models.registry import arch, is_arch
@@ -202,7 +203,7 @@ class TextStage(Stage):
         backbone, from_init, random_backbone = _frozen_backbone(cfg, source.n_bands, source.band_names, rgb)
         contract = backbone.geodino_contract
         scale_rule = ("photos: uint8 / 255; GeoTIFFs: digital numbers / "
-                      + (f"{float(scale):g}" if scale is not None else "255 (8-bit) or 10000 (other types)")
+                      + (f"{float(scale):g}" if scale is not None else DEFAULT_SCALE_RULE)
                       + ", clipped to [0, 1], then (x - mean) / std")
         if from_init:
             if contract.n_bands != source.n_bands:
@@ -210,7 +211,8 @@ class TextStage(Stage):
                                    f"{source.n_bands}")
         else:
             mean, std = _caption_statistics(data_cfg, source, pairs)
-            contract = contract.with_data(bands=source.band_names, mean=mean, std=std, input_scale=scale_rule)
+            contract = contract.with_data(bands=source.band_names, mean=mean, std=std, input_scale=scale_rule,
+                                          scale=None if scale is None else float(scale), offset=0.0)
             backbone.geodino_contract = contract
         dcfg = config_from_stage(stage_cfg)
         meta = DinoTxtMetaArch(DinoTxt(backbone, dcfg)).to(self.dist.device)

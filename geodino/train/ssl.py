@@ -23,6 +23,7 @@ The loss assembly (`SSLLosses.compute_losses`) is shared with multi-student dist
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Any
 
@@ -67,7 +68,30 @@ def teacher_forward(teacher: nn.ModuleDict, dino_loss, ibot_patch_loss, global_c
     else:
         dino_probs = dino_loss.softmax_center_teacher(dino_logits, teacher_temp)
         ibot_probs = ibot_patch_loss.softmax_center_teacher(ibot_logits.unsqueeze(0), teacher_temp).squeeze(0)
-    return {"cls": cls, "patches": patches, "dino_probs": dino_probs, "ibot_probs": ibot_probs}
+        # the reference's order: centre with the running centre, then start its EMA update from this batch
+        # (applied by the next softmax_center_teacher call); without it the centre stays 0 = no centring
+        dino_loss.update_center(dino_logits)
+        ibot_patch_loss.update_center(ibot_logits)
+    return {"cls": cls, "patches": patches, "dino_logits": dino_logits, "dino_probs": dino_probs,
+            "ibot_probs": ibot_probs}
+
+
+@torch.no_grad()
+def target_statistics(teacher: dict, teacher_temp: float) -> dict[str, float]:
+    """Whether the teacher gives the student anything to learn (geodino.train.monitors.LearningMonitor):
+
+    - ``dino_target_gap``: ln K − the mean entropy of the DINO targets (0: every target uniform, nothing to learn);
+    - ``dino_logit_spread``: the spread of the teacher's DINO logits across the batch over the temperature
+      (below ~0.2 Sinkhorn-Knopp returns near-uniform targets);
+    - ``dino_target_prototypes``: distinct argmax prototypes among the targets (1 or 2 with a falling loss:
+      collapse)."""
+    q = teacher["dino_probs"].float()
+    k = q.shape[-1]
+    entropy = float(-(q * q.clamp_min(1e-30).log()).sum(-1).mean())
+    logits = teacher["dino_logits"].float()
+    spread = float(logits.std(0).mean()) / float(teacher_temp) if logits.shape[0] > 1 else 0.0
+    return {"dino_target_gap": math.log(k) - entropy, "dino_logit_spread": spread,
+            "dino_target_prototypes": float(q.argmax(-1).unique().numel())}
 
 
 class SSLLosses:
@@ -227,6 +251,7 @@ class SSLMetaArch(SSLLosses, nn.Module):
         stats["loss"] = float(total.detach())
         stats.update(time_teacher=t1 - t0, time_student_forward=t2 - t1, time_backward=t3 - t2)
         stats.update(collapse_monitor(teacher["cls"], teacher["patches"]))
+        stats.update(target_statistics(teacher, teacher_temp))
         return total.detach(), stats
 
     @torch.no_grad()

@@ -67,7 +67,7 @@ def _source_meta(cfg, info) -> dict:
     meta = {"data": str(cfg.data.name), "kind": str(cfg.data.kind), "bands": list(info.band_names)}
     if cfg.data.kind == "raster":
         meta.update({"seed": int(src.seed), "chip_size": int(src.chip_size), "scale": float(src.scale),
-                     "sensor": src.sensor, "files": [str(f) for f in src.files]})
+                     "offset": float(src.offset), "sensor": src.sensor, "files": [str(f) for f in src.files]})
     return meta
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes.rasters import const_bands, write_tif
 from omegaconf import OmegaConf
 
 from geodino.data.sources import build_source
@@ -17,28 +18,6 @@ from geodino.data.stats import band_statistics
 from geodino.errors import DataError
 
 S2_13 = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
-
-
-def write_tif(path: Path, data: np.ndarray, epsg: int, left: float, top: float, res: float, nodata=0,
-              descriptions=None) -> Path:
-    import rasterio
-    from rasterio.transform import from_origin
-
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype,
-                   crs=f"EPSG:{epsg}", transform=from_origin(left, top, res, res), nodata=nodata)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-        for i, d in enumerate(descriptions or []):
-            dst.set_band_description(i + 1, d)
-    return path
-
-
-def const_bands(values, size=64, dtype=np.uint16) -> np.ndarray:
-    return np.stack([np.full((size, size), v, dtype=dtype) for v in values])
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +118,8 @@ def test_band_statistics_leave_nodata_out(two_crs):
 
 def _raster_cfg(**kw):
     base = dict(name="test", kind="raster", paths=None, filename_glob="*.tif", bands=None, sensor=None, chip_size=16,
-                scale=10000.0, mean=None, std=None, stats_file=None, nodata_max_fraction=0.5, samples_per_epoch=64,
-                chip_list=None)
+                scale=None, offset=None, mean=None, std=None, stats_file=None, nodata_max_fraction=0.5,
+                samples_per_epoch=64, chip_list=None)
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -214,12 +193,12 @@ def test_landsat_collection2_files(tmp_path, sensor, prefix):
     write_tif(tmp_path / f"{prefix}_{stem}_QA_PIXEL.TIF", np.ones((64, 64), np.uint16), 32631, 600000, 5_001_920, 30)
     other = "LC09" if prefix == "LC08" else "LC08"  # the other satellite's files are not picked up
     write_tif(tmp_path / f"{other}_{stem}_SR_B1.TIF", np.full((64, 64), 1, np.uint16), 32631, 600000, 5_001_920, 30)
-    src = RasterSource([tmp_path], chip_size=16, sensor=sensor, scale=65535.0)
+    src = RasterSource([tmp_path], chip_size=16, sensor=sensor)  # Level-2 SR: 2.75e-5 DN - 0.2
     assert src.band_names == [f"SR_B{i}" for i in range(1, 8)] and src.res == (30, 30)
     assert len(src.files) == 1 and src.files[0].name.startswith(prefix)
-    np.testing.assert_allclose(medians(src[0]), [round((7000 + 1000 * i) / 65535, 3) for i in range(1, 8)])
+    np.testing.assert_allclose(medians(src[0]), [2.75e-5 * (7000 + 1000 * i) - 0.2 for i in range(1, 8)], atol=1e-3)
     info = build_source(_raster_cfg(paths=[str(tmp_path)], sensor=sensor, bands=["SR_B4", "SR_B3", "SR_B2"],
-                                    scale=65535.0, mean=[0.0] * 3, std=[1.0] * 3))
+                                    scale=None, mean=[0.0] * 3, std=[1.0] * 3))
     assert info.rgb_indices == (0, 1, 2) and info.band_names == ["SR_B4", "SR_B3", "SR_B2"]
 
 

@@ -90,9 +90,18 @@ def test_sample_nat_trains_and_an_infinite_lr_ends_in_one_error_line(tmp_path, c
     assert all(r["patch_erank"] is not None for r in rows)
     capsys.readouterr()
 
-    rc = cli.main(["train", f"run_dir={tmp_path / 'inf'}", "train.iterations=8", "optim.lr=inf",
+    # a learning rate that blows the weights up: NaN features reach the monitors, the trainer's guard ends the run
+    rc = cli.main(["train", f"run_dir={tmp_path / 'huge'}", "train.iterations=8", "optim.lr=1e30",
                    "optim.warmup_iterations=0", *SMALL])
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = cli_error_lines(err)  # everything but geodino's own log lines: no traceback, no numpy warning
     assert len(lines) == 1 and lines[0].startswith("error: geodino train: training diverged"), err
+
+    # optim.lr=inf: one line too (the config schema refuses it, or the trainer's guard ends the run)
+    rc = cli.main(["train", f"run_dir={tmp_path / 'inf'}", "train.iterations=8", "optim.lr=inf",
+                   "optim.warmup_iterations=0", *SMALL])
+    err = capsys.readouterr().err
+    lines = cli_error_lines(err)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: geodino train: "), err
+    assert "optim.lr" in lines[0] or "training diverged" in lines[0]

@@ -170,3 +170,22 @@ def test_user_style_sat_config_trains_on_a_folder(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=False)
     assert ckpt["data"]["files"] == [str(folder / "S2_scene_a.tif")]
     assert ckpt["contract"]["bands"][-1] == "B12"
+
+
+def test_softmax_centring_moves_its_centre_as_the_reference():
+    """stage.centering=softmax: the teacher is centred with the running centre, which then starts its EMA update
+    from the batch's teacher logits (momentum 0.9, applied at the next call) — before, the centre stayed 0."""
+    from geodino.models import build_backbone
+    from geodino.train.ssl import SSLMetaArch
+
+    cfg = cli.compose("train", [*TINY, "stage.centering=softmax"])
+    torch.manual_seed(0)
+    meta = SSLMetaArch(build_backbone("geodino_vit_tiny", in_chans=13, layerscale_init=1.0), cfg.stage).train()
+    crops = torch.randn(8, 13, 32, 32)  # the teacher is in eval mode: no RoPE jitter, the same logits twice
+    idx = torch.tensor([0, 5, 9])
+    logits = meta.teacher.dino_head(meta.teacher.backbone.forward_features(crops)["x_norm_clstoken"])
+    meta.teacher_targets(crops, idx, torch.tensor([3]), teacher_temp=0.07)
+    assert torch.count_nonzero(meta.dino_loss.center) == 0  # applied lazily, at the next step
+    meta.teacher_targets(crops, idx, torch.tensor([3]), teacher_temp=0.07)
+    torch.testing.assert_close(meta.dino_loss.center, 0.1 * logits.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(meta.ibot_patch_loss.center) > 0

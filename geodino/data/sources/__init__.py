@@ -2,12 +2,16 @@
 named sources (`data=mix`, geodino.data.mixing).
 
 `build_source(data_cfg, seed)` turns a `data=` config into a source and its band contract
-(band names, RGB band indices, normalisation mean/std, input scaling).
+(band names, RGB band indices, normalisation mean/std, input scaling: the prose `input_scale` and the numbers
+`scale` / `offset`, ``clip((DN + offset) / scale, 0, 1)``; `data.scale` / `data.offset` null follow the data type and
+the product, geodino.data.geotiff).
 
 Normalisation comes from `data.mean`/`data.std` when both are set, else from `data.stats_file` (a
 `band_stats.json` written by `geodino curate action=stats`, matched by band name), else from the
 statistics of a fixed set of chips. `data.chip_list` (raster) and `data.file_list` (folder) restrict
-a source to the items chosen by `geodino curate action=balance|retrieve`.
+a source to the items chosen by `geodino curate action=balance|retrieve`. Raster nodata pixels are filled with the
+normalisation mean (they normalise to 0; `SourceInfo.with_stats` keeps that true for other statistics), and a few
+chips are checked for implausible scaling (a warning naming the file, band and scale).
 """
 
 from __future__ import annotations
@@ -41,18 +45,29 @@ class SourceInfo:
     input_scale: str
     rgb_indices: tuple[int, int, int] | None = None
     extra: dict = field(default_factory=dict)
+    scale: float | None = None  # raw values -> [0, 1]: clip((DN + offset) / scale, 0, 1); None: by data type
+    offset: float = 0.0
 
     @property
     def n_bands(self) -> int:
         return len(self.band_names)
 
     def with_stats(self, mean, std) -> "SourceInfo":
-        """The same source normalised with other statistics (e.g. a predecessor's or a teacher's)."""
+        """The same source normalised with other statistics (e.g. a predecessor's or a teacher's); its nodata
+        pixels take the new mean."""
+        _fill_nodata(self.source, mean)
         return replace(self, mean=[float(m) for m in mean], std=[float(s) for s in std])
 
     def contract(self, base: Contract) -> Contract:
         """`base` (an architecture) fed this data: its bands, normalisation and input scaling."""
-        return base.with_data(bands=self.band_names, mean=self.mean, std=self.std, input_scale=self.input_scale)
+        return base.with_data(bands=self.band_names, mean=self.mean, std=self.std, input_scale=self.input_scale,
+                              scale=self.scale, offset=self.offset)
+
+
+def _fill_nodata(source, mean) -> None:
+    """Nodata pixels of a raster source take the normalisation mean, so they normalise to 0."""
+    if hasattr(source, "fill_nodata") and mean:
+        source.fill_nodata(mean)
 
 
 def _paths(data_cfg) -> list[str] | None:
@@ -103,7 +118,8 @@ def _raster_source(data_cfg, seed: int, progress: bool, stats: bool) -> SourceIn
         chip_size=int(data_cfg.chip_size),
         bands=list(data_cfg.bands) if data_cfg.get("bands") is not None else None,
         filename_glob=str(data_cfg.get("filename_glob", "*.tif")),
-        scale=float(data_cfg.scale),
+        scale=data_cfg.get("scale"),
+        offset=data_cfg.get("offset"),
         nodata_max_fraction=float(data_cfg.get("nodata_max_fraction", 0.5)),
         length=int(data_cfg.get("samples_per_epoch", 10000)),
         seed=chip_seed,
@@ -115,16 +131,25 @@ def _raster_source(data_cfg, seed: int, progress: bool, stats: bool) -> SourceIn
         if listed != sorted(f.name for f in src.files):
             log.warning("data.chip_list %s was made on other files (%d listed, %d found): its chip indices "
                         "address different chips here", data_cfg.chip_list, len(listed), len(src.files))
-    mean, std = _statistics(data_cfg, src, list(src.band_names), float(data_cfg.scale), stats, progress)
+    src.check_scaling()
+    mean, std = _statistics(data_cfg, src, list(src.band_names), (src.scale, src.offset), stats, progress)
+    _fill_nodata(src, mean)
+    rule = src.scaling.describe() if len(src.scalings) == 1 else \
+        "per file: " + "; ".join(s.describe() for s in src.scalings)
     return SourceInfo(src, list(src.band_names), mean, std,
-                      input_scale=f"digital numbers / {float(data_cfg.scale):g}, clipped to [0, 1], then (x - mean) / std",
+                      input_scale=f"{rule}, clipped to [0, 1] (nodata: the mean), then (x - mean) / std",
                       rgb_indices=rgb_indices(src.band_names, data_cfg.get("sensor")),
                       extra={"files": [str(f) for f in src.files], "crs": str(src.crs),
-                             "reader": src.sensor or "geotiff", "chip_list": data_cfg.get("chip_list")})
+                             "reader": src.sensor or "geotiff", "chip_list": data_cfg.get("chip_list"),
+                             "scalings": [{"scale": s.scale, "offset": s.offset, "why": s.why, "files": len(fs)}
+                                          for s, fs in zip(src.scalings, src.file_groups)]},
+                      scale=src.scale, offset=src.offset)
 
 
-def _statistics(data_cfg, src, band_names: list[str], scale: float | None, stats: bool, progress: bool):
-    """Normalisation: data.mean/std, else data.stats_file, else (stats=True) the statistics of 32 items."""
+def _statistics(data_cfg, src, band_names: list[str], scaling: tuple[float, float] | None, stats: bool,
+                progress: bool):
+    """Normalisation: data.mean/std, else data.stats_file (made with the same `scaling`, (scale, offset), when
+    given), else (stats=True) the statistics of 32 items."""
     if data_cfg.get("mean") is not None and data_cfg.get("std") is not None:
         mean, std = [float(x) for x in data_cfg.mean], [float(x) for x in data_cfg.std]
         if len(mean) != len(band_names) or len(std) != len(band_names):
@@ -132,7 +157,7 @@ def _statistics(data_cfg, src, band_names: list[str], scale: float | None, stats
                             f"bands ({', '.join(band_names)})")
         return mean, std
     if data_cfg.get("stats_file"):
-        return load_stats_file(data_cfg.stats_file, band_names, scale)
+        return load_stats_file(data_cfg.stats_file, band_names, *(scaling or ()))
     if not stats:
         return [], []
     # Statistics of the data itself, from a fixed set of chips (recorded in every checkpoint).
@@ -153,7 +178,7 @@ def _folder_source(data_cfg) -> SourceInfo:
         mean, std = [float(x) for x in data_cfg.mean], [float(x) for x in data_cfg.std]
     return SourceInfo(src, ["R", "G", "B"], mean, std,
                       input_scale="uint8 RGB / 255, then (x - mean) / std", rgb_indices=(0, 1, 2),
-                      extra={"skipped": dict(src.skipped)})
+                      extra={"skipped": dict(src.skipped)}, scale=255.0)
 
 
 def mix_entry_config(name: str, entry) -> DictConfig:
@@ -197,7 +222,7 @@ def _mix_source(data_cfg, seed: int, progress: bool, stats: bool, batch_size: in
     mean, std = _statistics(data_cfg, provisional, list(first.band_names), None, stats, progress)
     mixed = mix_sources({n: i.with_stats(mean, std) for n, i in infos.items()}, **plan)
     return SourceInfo(mixed, list(first.band_names), mean, std, input_scale=first.input_scale,
-                      rgb_indices=first.rgb_indices,
+                      rgb_indices=first.rgb_indices, scale=first.scale, offset=first.offset,
                       extra={"sources": {n: i.extra for n, i in infos.items()}, "weights": weights,
                              "homogeneous_fraction": plan["homogeneous_fraction"],
                              "homogeneous_source": plan["homogeneous_source"]})
