@@ -46,7 +46,7 @@ SENSORS = ("sentinel2", "landsat8", "landsat9", "naip")  # geodino.data.sources.
 TEMPLATE_SETS = ("default", "rs", "openai", "simple", "none")  # geodino.segment.open_vocab.TEMPLATES
 DENSE_HEADS = ("linear", "light_decoder", "decoder")  # geodino.eval.probes.build_dense_head
 EXPORT_FORMATS = ("official", "safetensors")  # geodino.models.weights.EXPORT_FORMATS
-CURATE_ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup")  # geodino.verbs.curate.ACTIONS
+CURATE_ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")  # geodino.verbs.curate.ACTIONS
 LOVEDA_SCENES = ("urban", "rural")  # geodino.eval.datasets.loveda.SCENES
 
 
@@ -456,7 +456,7 @@ STAGE: dict[str, Entry] = {
 
 DATA: dict[str, Entry] = {
     "name": Str(),
-    "kind": OneOf("raster", "folder", "mix", "captions"),
+    "kind": OneOf("raster", "chips", "folder", "mix", "captions"),
     "base": Str(),  # data=mix entries: the data config they start from
     "paths": Opt(one_or_list(Path())),
     "filename_glob": Str(),
@@ -479,6 +479,7 @@ DATA: dict[str, Entry] = {
     "weights": Opt(AnyOf(Mapping(Float(ge=0)), List(Float(ge=0), min_len=1))),
     "homogeneous_fraction": Float(ge=0, le=1),
     "homogeneous_source": Opt(Str()),
+    "rows": Opt(Span()),  # raster sources: the band of rows (fractions of each raster's height, north = 0) chips come from
 }
 
 MODEL: dict[str, Entry] = {
@@ -578,6 +579,8 @@ CURATE: dict[str, Entry] = {
     "out": PATH,
     "overwrite": Bool(),
     "n_samples": Int(ge=1),
+    "n_chips": Opt(Int(ge=1)),
+    "shard_size": Int(ge=1),
     "levels": List(Int(ge=1), min_len=1),
     "seed": SEED,
     "stats_chips": Int(ge=1),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -39,12 +40,13 @@ from geodino.data.curation.sampling import balanced_sample
 from geodino.data.curation.search import deduplicate, retrieve
 from geodino.data.lists import write_chip_list, write_file_list
 from geodino.data.sources import build_source
+from geodino.data.sources.chips import write_chip_store
 from geodino.data.stats import band_statistics, write_stats_file
 from geodino.errors import DataError, GeodinoError
 from geodino.models import load_backbone
 from geodino.models.extract import Extractor
 from geodino.models.registry import is_arch
-from geodino.outputs import atomic_output, atomic_write_text, check_outputs, output_dir
+from geodino.outputs import atomic_output, atomic_write_text, check_outputs, output_dir, write_errors
 from geodino.runs import default_run_dir, setup_logging
 from geodino.runtime import resolve_device
 
@@ -263,11 +265,35 @@ def run_dedup(cfg, out_dir: Path, progress: bool = True) -> Path:
     return _write_selection(out_dir, SELECTIONS["dedup"], keep, meta, files, chips)
 
 
-ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup")
+ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")
+
+
+def run_chip(cfg, progress: bool = True) -> Path:
+    """Cut the chips of a raster ``data=`` source into a chip store (geodino.data.sources.chips), with the band
+    statistics of the chips, for ``data=chips data.paths=[<store>]``."""
+    if str(cfg.data.kind) != "raster":
+        raise DataError(f"action=chip cuts a raster source; data={cfg.data.name} is a {cfg.data.kind} source")
+    out = Path(str(cfg.out)).expanduser() if cfg.get("out") else default_run_dir("curate", "chip")
+    info = build_source(cfg.data, seed=int(cfg.seed), progress=progress, stats=False)
+    src = info.source
+    n = int(cfg.get("n_chips") or len(src))
+    details: dict = {}
+    mean, std = band_statistics(src, n=min(n, int(cfg.get("stats_chips", 256))), progress=progress, info=details)
+    t0 = time.perf_counter()
+    with output_dir(out.parent), write_errors(out):  # a failed cut leaves no folder it created, one line
+        try:
+            write_chip_store(src, out, n, shard_size=int(cfg.get("shard_size", 4096)), progress=progress,
+                             meta={"stats": {"mean": mean, "std": std, **details}, "data": str(cfg.data.name),
+                                   "chip_list": cfg.data.get("chip_list"), "rows": list(src.rows)})
+        except BaseException:
+            shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # where the store is written
+            raise
+    print(f"wrote {n} chips to {out} in {time.perf_counter() - t0:.1f} s\nuse it with: data=chips data.paths=[{out}]")
+    return out
 
 
 def run_curate(cfg):
-    """`geodino curate action=stats|embed|balance|retrieve|dedup ...` (see configs/curate.yaml)."""
+    """`geodino curate action=stats|embed|balance|retrieve|dedup|chip ...` (see configs/curate.yaml)."""
     setup_logging()
     action = str(cfg.action)
     if action not in ACTIONS:
@@ -279,6 +305,8 @@ def run_curate(cfg):
     overwrite = bool(cfg.get("overwrite", False))
     if action == "stats":
         return run_stats(cfg, progress, overwrite)
+    if action == "chip":  # a chip store refuses an existing out= itself
+        return run_chip(cfg, progress)
     if action == "retrieve" and not cfg.get("queries"):
         raise DataError("action=retrieve needs queries=<embed output folder or .npy of the seed set> "
                         "(embed the seed set with `geodino curate action=embed data=... out=...`)")

@@ -28,6 +28,7 @@ from geodino.data.bands import rgb_indices
 from geodino.data.lists import read_chip_list
 from geodino.data.mixing import MixedDataset, mix_sources
 from geodino.data.sample import sample_nat_dir, sample_sat_path
+from geodino.data.sources.chips import ChipStore
 from geodino.data.sources.folder import FolderSource
 from geodino.data.sources.raster import RasterSource
 from geodino.data.stats import band_statistics, load_stats_file
@@ -94,11 +95,13 @@ def build_source(data_cfg, seed: int = 0, progress: bool = False, stats: bool = 
     kind = str(data_cfg.kind)
     if kind == "raster":
         return _raster_source(data_cfg, seed, progress, stats)
+    if kind == "chips":
+        return _chip_store_source(data_cfg, progress, stats)
     if kind == "folder":
         return _folder_source(data_cfg)
     if kind == "mix":
         return _mix_source(data_cfg, seed, progress, stats, batch_size, world_size)
-    raise DataError(f"data.kind must be raster, folder or mix, got '{kind}'")
+    raise DataError(f"data.kind must be raster, chips, folder or mix, got '{kind}'")
 
 
 def _raster_source(data_cfg, seed: int, progress: bool, stats: bool) -> SourceInfo:
@@ -125,6 +128,7 @@ def _raster_source(data_cfg, seed: int, progress: bool, stats: bool) -> SourceIn
         seed=chip_seed,
         sensor=data_cfg.get("sensor"),
         chip_indices=chip_indices,
+        rows=data_cfg.get("rows"),
     )
     if chip_indices is not None and meta.get("files"):
         listed = sorted(Path(str(f)).name for f in meta["files"])
@@ -143,6 +147,32 @@ def _raster_source(data_cfg, seed: int, progress: bool, stats: bool) -> SourceIn
                              "reader": src.sensor or "geotiff", "chip_list": data_cfg.get("chip_list"),
                              "scalings": [{"scale": s.scale, "offset": s.offset, "why": s.why, "files": len(fs)}
                                           for s, fs in zip(src.scalings, src.file_groups)]},
+                      scale=src.scale, offset=src.offset)
+
+
+def _chip_store_source(data_cfg, progress: bool, stats: bool) -> SourceInfo:
+    """``data=chips data.paths=[<store>]``: a chip store cut by ``geodino curate action=chip`` (one store; its band
+    statistics, computed when it was cut, are the default normalisation)."""
+    paths = _paths(data_cfg)
+    if not paths or len(paths) != 1:
+        raise DataError(f"data=chips reads one chip store: data.paths=[<store folder>], got {paths}")
+    chip_indices = None
+    if data_cfg.get("chip_list"):
+        chip_indices, _ = read_chip_list(data_cfg.chip_list)
+    src = ChipStore(paths[0], chip_indices=chip_indices,
+                    length=int(data_cfg.samples_per_epoch) if data_cfg.get("samples_per_epoch") else None)
+    stored = src.meta.get("stats") or {}
+    if data_cfg.get("mean") is None and data_cfg.get("stats_file") is None and stored.get("mean"):
+        mean, std = list(stored["mean"]), list(stored["std"])
+    else:
+        mean, std = _statistics(data_cfg, src, list(src.band_names), (src.scale, src.offset), stats, progress)
+    _fill_nodata(src, mean)
+    rule = "; ".join(s.describe() for s in src.scalings)
+    return SourceInfo(src, list(src.band_names), mean, std,
+                      input_scale=f"{rule}, clipped to [0, 1] (nodata: the mean), then (x - mean) / std",
+                      rgb_indices=rgb_indices(src.band_names, src.sensor),
+                      extra={"store": str(src.path), "files": [str(f) for f in src.files], "crs": src.crs,
+                             "reader": "chip store", "chip_list": data_cfg.get("chip_list"), "chips": src.n_chips},
                       scale=src.scale, offset=src.offset)
 
 

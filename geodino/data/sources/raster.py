@@ -48,7 +48,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import rasterio
@@ -220,6 +220,16 @@ def _reader_class(cls, band_files: dict[str, dict[str, Path]]):
     return type(cls.__name__, (cls,), attrs)
 
 
+class ChipRead(NamedTuple):
+    """One chip as read: raw DN (C, S, S), valid mask (S, S), scaling group, index entry, bounds in the CRS."""
+
+    raw: torch.Tensor
+    valid: torch.Tensor
+    group: int
+    entry: int
+    bounds: tuple[float, float, float, float]
+
+
 class RasterSource(torch.utils.data.Dataset):
     """Random fixed-size chips from a folder of GeoTIFFs, addressed by index (see module doc).
 
@@ -242,6 +252,7 @@ class RasterSource(torch.utils.data.Dataset):
         sensor: str | None = None,
         chip_indices: Sequence[int] | None = None,
         offset: float | None = None,
+        rows: Sequence[float] | None = None,
     ):
         self.sensor = None
         sensor_key = str(sensor).lower() if sensor else None
@@ -266,6 +277,10 @@ class RasterSource(torch.utils.data.Dataset):
         self.skipped_nodata = 0
         self.fill: torch.Tensor | None = None
         self._checked: str | None = None
+        self.rows = (0.0, 1.0) if rows is None else (float(rows[0]), float(rows[1]))
+        if not 0.0 <= self.rows[0] < self.rows[1] <= 1.0:
+            raise DataError(f"data.rows={list(self.rows)} must be two fractions 0 <= top < bottom <= 1 of each raster's "
+                            "height")
         scale = check_scale(scale)
         if self.sensor is not None:
             self._init_sensor(scan, bands, crs, res, scale, offset)
@@ -360,6 +375,9 @@ class RasterSource(torch.utils.data.Dataset):
 
     def _init_readers(self, cls, metas, crs, res, scale, offset, kw) -> None:
         """One torchgeo dataset per (scale, offset) pair the files need (module docstring)."""
+        # the files' data type (the chip store keeps chips in it; mixed types are read as float32)
+        dtypes = {np.dtype(m.dtype) for m in metas}
+        self.dtype = dtypes.pop().name if len(dtypes) == 1 else "float32"
         self.nodata = 0.0 if metas[0].nodata is None else float(metas[0].nodata)
         scalings = [resolve_scaling(f, m.dtype, m.tags, scale, offset) for f, m in zip(self.files, metas)]
         groups: dict[tuple[float, float], list[int]] = {}
@@ -387,6 +405,9 @@ class RasterSource(torch.utils.data.Dataset):
         for g, ds in enumerate(self._datasets):
             for geom in ds.index.geometry:
                 xmin, ymin, xmax, ymax = geom.bounds
+                # data.rows: chips come from this band of rows (fractions of the height, north = 0) of each raster
+                top, bottom = self.rows
+                ymin, ymax = ymax - bottom * (ymax - ymin), ymax - top * (ymax - ymin)
                 self._bounds.append((xmin, ymin, xmax, ymax))
                 self._areas.append(max(xmax - xmin, 0) * max(ymax - ymin, 0))
                 self._group.append(g)
@@ -432,8 +453,8 @@ class RasterSource(torch.utils.data.Dataset):
         self.fill = None if values is None else torch.tensor([float(v) for v in values], dtype=torch.float32)
 
     # -- reading --------------------------------------------------------------------------------------
-    def _draw(self, sub_seed: int, size: int, sampling=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(raw chip (C, size, size) in DN, (size, size) valid mask, scaling group) for one sub-seed."""
+    def _draw(self, sub_seed: int, size: int, sampling=None) -> ChipRead:
+        """The raw chip (C, size, size) in DN, its valid mask, scaling group and footprint, for one sub-seed."""
         usable, probs, size_m = sampling or (self._usable, self._probs, self._size_m)
         g = torch.Generator().manual_seed(sub_seed)
         k = usable[int(torch.multinomial(probs, 1, generator=g))]
@@ -445,19 +466,19 @@ class RasterSource(torch.utils.data.Dataset):
         if img.shape[-1] < size or img.shape[-2] < size:
             pad = (0, size - img.shape[-1], 0, size - img.shape[-2])
             img = torch.nn.functional.pad(img, pad, value=self.nodata)
-        return img, self.valid_mask(img), self._group[k]
+        return ChipRead(img, self.valid_mask(img), self._group[k], k, (xs.start, ys.start, xs.stop, ys.stop))
 
-    def _read(self, index: int, size: int | None = None, seed: int | None = None):
+    def _read(self, index: int, size: int | None = None, seed: int | None = None) -> ChipRead:
         """`_draw` of chip `index` after nodata redraws."""
         size = self.chip_size if size is None else size
         sampling = None if size == self.chip_size else self._sampling(size)
         seed = self.seed if seed is None else seed
         for attempt in range(self.max_redraws):
             sub_seed = (seed * 1_000_003 + int(index)) * 64 + attempt
-            img, valid, group = self._draw(sub_seed, size, sampling)
-            frac = 1.0 - float(valid.float().mean())
+            read = self._draw(sub_seed, size, sampling)
+            frac = 1.0 - float(read.valid.float().mean())
             if frac <= self.nodata_max_fraction:
-                return img, valid, group
+                return read
             self.skipped_nodata += 1
             log.debug("chip %d draw %d skipped: %.0f%% nodata", index, attempt, 100 * frac)
         raise DataError(
@@ -473,7 +494,17 @@ class RasterSource(torch.utils.data.Dataset):
 
     def chip(self, index: int) -> torch.Tensor:
         """The raw chip (digital numbers; NaN where the file has NaN) for `index`, after nodata redraws."""
-        return self._read(index)[0]
+        return self._read(index).raw
+
+    def read_chip(self, index: int) -> ChipRead:
+        """Chip `index` (a chip index, not an item) with its mask, scaling group and footprint (the chip store)."""
+        return self._read(index)
+
+    def footprint_file(self, read: ChipRead) -> str:
+        """The file (or the scene's first band file) a chip was read from."""
+        ds = self._datasets[read.group]
+        offset = sum(len(d.index) for d in self._datasets[: read.group])
+        return str(ds.index.iloc[read.entry - offset]["filepath"]) if "filepath" in ds.index else ""
 
     def chip_index(self, index: int) -> int:
         """The chip index item `index` reads: itself, or its entry in the chip list."""
@@ -486,12 +517,13 @@ class RasterSource(torch.utils.data.Dataset):
         return torch.from_numpy(valid_mask(img.numpy(), self.nodata))
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self._scaled(*self._read(self.chip_index(index)))
+        read = self._read(self.chip_index(index))
+        return self._scaled(read.raw, read.valid, read.group)
 
     def item_with_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(item `index` in [0, 1], (H, W) mask of pixels holding data) (see geodino.data.stats)."""
-        img, valid, group = self._read(self.chip_index(index))
-        return self._scaled(img, valid, group), valid
+        read = self._read(self.chip_index(index))
+        return self._scaled(read.raw, read.valid, read.group), read.valid
 
     def preview(self, size: int = 160, multiple: int = 16, seed: int = 12345) -> torch.Tensor:
         """One larger chip (C, S, S) in [0, 1], S <= `size` a multiple of `multiple` that fits every raster, for
@@ -501,7 +533,8 @@ class RasterSource(torch.utils.data.Dataset):
         side -= side % multiple
         if side <= 0:
             raise DataError(f"the rasters of this source are smaller than {multiple} px: no preview")
-        return self._scaled(*self._read(0, size=side, seed=seed))
+        read = self._read(0, size=side, seed=seed)
+        return self._scaled(read.raw, read.valid, read.group)
 
     def check_scaling(self, n: int = 8) -> str | None:
         """Warn (once per source) when `n` chips look implausibly scaled (geodino.data.geotiff.scaling_problem);
@@ -511,7 +544,7 @@ class RasterSource(torch.utils.data.Dataset):
         skipped, per_group = self.skipped_nodata, {}
         try:
             for i in range(int(n)):
-                img, valid, group = self._read(i)
+                img, valid, group = self._read(i)[:3]
                 x = self.scalings[group].unclipped(img[:, valid])
                 per_group.setdefault(group, []).append(x[:, :: max(1, x.shape[1] // 4096)])
         except DataError:
