@@ -126,3 +126,16 @@ def test_output_dir_removes_only_what_a_failed_command_created(tmp_path):
     with output_dir(keep / "ok") as run:
         (run / "results.json").write_text("{}")
     assert (keep / "ok" / "results.json").is_file()
+
+
+def test_the_cli_turns_an_unwrapped_disk_full_into_one_line(tmp_path, monkeypatch, capsys):
+    from geodino import cli
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints" / "x.pt"))
+
+    monkeypatch.setattr(cli, "_handlers", lambda: {"export": full})
+    assert cli.main(["export", "checkpoint=x"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: geodino export: no space left on device writing {tmp_path / 'run' / 'checkpoints' / 'x.pt'}")
