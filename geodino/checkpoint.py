@@ -57,12 +57,12 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
     """`obj` as the types ``torch.load(weights_only=True)`` accepts: tensors, numbers, strings, bytes, None, and
     lists / tuples / dicts of those. numpy arrays and scalars, paths, OmegaConf containers and contracts are
     converted; anything else is an error naming where it is (so no file is written that cannot be read safely)."""
+    if isinstance(obj, np.generic):  # before the Python types: np.float64 is a float subclass
+        return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size)):
         return obj
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj.copy()) if obj.dtype != np.uint32 else torch.from_numpy(obj.astype(np.int64))
-    if isinstance(obj, np.generic):
-        return obj.item()
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, Contract):

@@ -370,6 +370,8 @@ TRAIN: dict[str, Entry] = {
     "train.pca_png": Bool(),
     "train.monitor_every": Int(ge=0, note="0: off"),
     "train.monitor_images": Int(ge=1),
+    "train.learning_patience": Int(ge=1),
+    "train.learning_min_gap": Float(gt=0),
     **{f"optim.{k}": c for k, c in OPTIM.items()},
     "optim.weight_decay_end": Float(ge=0),
     "optim.layerwise_decay": Float(gt=0, le=1),

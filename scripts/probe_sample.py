@@ -1,33 +1,40 @@
-"""Score a pretraining run on the two held-out probes of the packaged Sentinel-2 sample
-(geodino.eval.sample_probe) against a random-init backbone of the same architecture.
+"""Score a pretraining run on the held-out probes of the packaged Sentinel-2 sample (geodino.eval.sample_probe)
+against random inits of the same architecture with the same normalisation (several seeds).
 
-    geodino train run_dir=runs/quick train.iterations=200
-    python scripts/probe_sample.py runs/quick
+    geodino train recipe=small run_dir=runs/small
+    python scripts/probe_sample.py runs/small                 # the EMA teacher, 3 random-init seeds
+    python scripts/probe_sample.py runs/small --which student --seeds 0 1 2 3 4 --json probe.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-import torch
+from geodino.eval.sample_probe import compare
+from geodino.models import load_backbone
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="run directory or checkpoint")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random-init backbone")
+    ap.add_argument("--which", default="teacher", choices=("teacher", "student"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random-init seeds (>= 3 for a spread)")
+    ap.add_argument("--json", help="write every number to this file")
     args = ap.parse_args(argv)
-
-    from geodino.eval.sample_probe import compare
-    from geodino.models import backbone_from_contract, load_backbone
-
-    trained = load_backbone(args.run)
-    torch.manual_seed(args.seed)
-    random_init = backbone_from_contract(trained.geodino_contract)  # same architecture, official init
-    random_init.init_weights()
-    print(json.dumps(compare(trained, random_init), indent=2))
+    result = compare(load_backbone(args.run, which=args.which), seeds=tuple(args.seeds))
+    d, v = result["dense_miou"], result["view_retrieval_top1"]
+    print(f"dense probe mIoU (bottom half): trained {d['trained']['miou']:.1f} | random init "
+          f"{d['random_init']['mean']:.1f} ± {d['random_init']['std']:.1f} ({len(args.seeds)} seeds) | gain "
+          f"{d['gain']:+.1f} -> {'beats' if d['beats_random'] else 'does NOT beat'} random init | raw pixels: patch "
+          f"means {d['raw_pixels']['mean']:.1f}, flattened {d['raw_pixels']['pixels']:.1f}")
+    print(f"view retrieval top-1: trained {100 * v['trained']:.1f}% | random init {100 * v['random_init']['mean']:.1f} "
+          f"± {100 * v['random_init']['std']:.1f}% | chance {100 * v['chance']:.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,9 +11,11 @@ of them changes training.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,3 +202,78 @@ def teacher_agreement(student: nn.Module, teacher: nn.Module, images: torch.Tens
     for m, mode in was:
         m.train(mode)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Is the run learning?
+# ------------------------------------------------------------------------------------------------
+
+class LearningMonitor:
+    """Says when a DINO-style run is not learning, once, with the measured cause and the knobs to turn; the
+    verdict goes to summary.json.
+
+    At a user's scale (a few thousand steps, batch 8-64) DINOv3's reference recipe can sit in its uniform-target
+    phase for the whole run: with LayerScale 1e-5 every class token starts alike, the teacher's logits spread less
+    than its temperature across the batch, and Sinkhorn-Knopp then spreads the batch evenly over the K prototypes,
+    so every target is uniform, the DINO loss stays at ln K and the features do not improve (docs/learning.md).
+    Each step reports ``dino_target_gap`` (ln K − the targets' entropy) and ``dino_target_prototypes``; after the
+    teacher-temperature warm-up, `patience` consecutive steps with a gap below `min_gap` mean "not learning", and
+    `patience` steps with at most 2 distinct target prototypes mean collapse."""
+
+    def __init__(self, n_prototypes: int, warmup_steps: int = 0, patience: int = 100, min_gap: float = 0.005,
+                 logger: logging.Logger | None = None):
+        self.ln_k = math.log(int(n_prototypes))
+        self.warmup_steps = int(warmup_steps)
+        self.patience = int(patience)
+        self.min_gap = float(min_gap)
+        self.log = logger or logging.getLogger("geodino")
+        self.uniform_streak = self.collapse_streak = self.seen = 0
+        self.fired: str | None = None
+        self.recent: list[dict] = []
+
+    def __call__(self, step: int, row: dict) -> None:
+        if "dino_target_gap" not in row:
+            return
+        self.recent = (self.recent + [row])[-20:]
+        if step < self.warmup_steps:
+            return
+        self.seen += 1
+        gap = float(row["dino_target_gap"])
+        self.uniform_streak = self.uniform_streak + 1 if gap < self.min_gap else 0
+        few = float(row.get("dino_target_prototypes", 3)) <= 2
+        self.collapse_streak = self.collapse_streak + 1 if few else 0
+        if self.fired is None and self.uniform_streak >= self.patience:
+            self.fired = "not learning"
+            self.log.warning(
+                "step %d: not learning — for %d steps the teacher's DINO targets have stayed uniform (entropy within "
+                "%.3f of ln K = %.2f; teacher logit spread / temperature %.2f), so the DINO and iBOT terms sit at ln K. "
+                "At small scale change: recipe=small, or fewer prototypes (stage.dino/ibot.head_n_prototypes=64), a lower "
+                "teacher temperature (ema.teacher_temp=0.01 ema.warmup_teacher_temp=0.01), LayerScale 1.0 for shallow "
+                "models (+model.kwargs.layerscale_init=1.0), a larger batch (train.batch_size>=32), a constant EMA "
+                "momentum (ema.momentum=0.99 ema.final_momentum=0.99); see docs/learning.md",
+                step, self.patience, gap, self.ln_k, float(row.get("dino_logit_spread", float("nan"))))
+        if self.fired is None and self.collapse_streak >= self.patience:
+            self.fired = "collapsed"
+            self.log.warning(
+                "step %d: collapse — for %d steps every teacher target has picked at most 2 prototypes: the features "
+                "carry no information about the image. Raise the teacher temperature or use Sinkhorn-Knopp centring "
+                "(stage.centering=sinkhorn_knopp), lower the LR", step, self.patience)
+
+    def summary(self) -> dict:
+        """The verdict: ``learned`` (the DINO loss at least 0.05 below ln K over the last steps, no collapse), the
+        averages it is based on, and why."""
+        if not self.recent:
+            return {}
+        mean = lambda key: float(np.mean([r[key] for r in self.recent if key in r]))  # noqa: E731
+        loss_gap = self.ln_k - mean("loss_dino_global")
+        out = {"dino_loss_below_ln_k": loss_gap, "target_entropy_gap": mean("dino_target_gap"),
+               "target_prototypes": mean("dino_target_prototypes"), "ln_k": self.ln_k}
+        if self.fired is not None:
+            out.update(learned=False, verdict=self.fired)
+        elif loss_gap >= 0.05:
+            out.update(learned=True, verdict="learning")
+        elif self.seen < self.patience:
+            out.update(learned=False, verdict="undecided: the run is shorter than train.learning_patience")
+        else:
+            out.update(learned=False, verdict="not learning: the DINO loss stays at ln K")
+        return out

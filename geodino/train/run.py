@@ -90,8 +90,10 @@ def _train(cfg, stage: Stage, parts: StageParts, run_dir: Path, resume_from: Pat
         log.info("data parallel: %s on %d processes, %d images per process, global batch %d",
                  cfg.train.get("parallel", "ddp"), dist_info.world_size, parts.settings.batch_size,
                  parts.settings.batch_size * dist_info.world_size)
-    history = trainer.fit()
+    history = trainer.fit(on_step=parts.learning)
     result = stage.finish(parts, trainer, run_dir) or {}
+    if parts.learning is not None and hasattr(parts.learning, "summary"):
+        result.setdefault("summary", {})["learning"] = parts.learning.summary()
     if dist_info.is_main:
         _summarise(cfg, stage, history, result, run_dir)
     return run_dir

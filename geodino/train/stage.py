@@ -52,6 +52,7 @@ class StageParts:
     checkpoint_extra: dict = field(default_factory=dict)  # stage entries beside contract / stage / config
     parallel: Parallel | None = None  # None: one process
     monitor: Callable[[], dict] | None = None  # held-out monitor, every train.monitor_every steps
+    learning: Callable[[int, dict], None] | None = None  # per-step watcher (train.monitors.LearningMonitor)
     describe: str = ""  # one log line about the run
 
 

@@ -33,7 +33,7 @@ from geodino.models.weights import load_weights_into
 from geodino.train.distributed import wrap_student
 from geodino.train.gram import GramMetaArch, MultiResolutionDataset, copy_backbone
 from geodino.train.loop import AugmentedDataset, TrainSettings, collate_for
-from geodino.train.monitors import heldout_images, heldout_monitor
+from geodino.train.monitors import LearningMonitor, heldout_images, heldout_monitor
 from geodino.train.ssl import SSLMetaArch
 from geodino.train.stage import Stage, StageParts
 
@@ -88,13 +88,17 @@ class SSLStage(Stage):
             gram_size = stage_cfg.crops.get("gram_teacher_crops_size")
             monitor = lambda: heldout_monitor(meta, images, int(gram_size) if gram_size else None)  # noqa: E731
         self._info = info
+        learning = LearningMonitor(int(stage_cfg.dino.head_n_prototypes),
+                                   warmup_steps=int(config.ema.warmup_teacher_temp_iterations),
+                                   patience=int(config.train.get("learning_patience", 100)),
+                                   min_gap=float(config.train.get("learning_min_gap", 0.005)))
         n_params = sum(p.numel() for p in backbone.parameters())
         return StageParts(
             meta_arch=meta, dataset=dataset, config=config, contract=contract, settings=settings,
             collate=collate_for(stage_cfg, n_tokens, self.dist.world_size, self.dist.rank, patch_size=contract.patch_size),
             checkpoint_extra={"init": str(init) if init_ckpt is not None else None,
                               "data": {"bands": info.band_names, "mean": info.mean, "std": info.std, **info.extra}},
-            parallel=parallel, monitor=monitor,
+            parallel=parallel, monitor=monitor, learning=learning,
             describe=f"stage={self.name} model={contract.name} ({n_params / 1e6:.2f}M params, {info.n_bands} bands) "
                      f"data={cfg.data.name}",
         )
