@@ -112,7 +112,7 @@ def main(argv=None):
         th = threading.Thread(target=poll, daemon=True)
         th.start()
         summary = segment_raster(seg, src, prompts, work / "labels.tif", tile=args.tile, overlap=args.overlap,
-                                 progress=True, gdal_cache_mb=args.gdal_cache_mb)
+                                 progress=True, gdal_cache_mb=args.gdal_cache_mb, overwrite=True)  # a reused --workdir
         done.set()
         th.join()
         peak_rss = max(peak[0], _rss())

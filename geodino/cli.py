@@ -307,6 +307,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `geodino train --cfg | head`
         sys.stderr.close()
         return 0
+    except OSError as e:
+        # a write that no verb wrapped (geodino.outputs): a full disk, a read-only file system or a refused
+        # permission is still one line naming the file; anything else keeps its traceback
+        from geodino.outputs import write_error
+
+        err = write_error(e.filename or "an output", e)
+        if err is None or os.environ.get("GEODINO_DEBUG"):
+            raise
+        print(f"error: geodino {parsed.verb}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -543,6 +543,7 @@ EVAL: dict[str, Entry] = {
     "backbone": Str(),
     "weights": PATH,
     "run_dir": PATH,
+    "overwrite": Bool(),
     "seed": SEED,
     "cache_features": Bool(),
     "cache_dir": PATH,
@@ -555,6 +556,7 @@ SEGMENT: dict[str, Entry] = {
     "checkpoint": PATH,
     "input": PATH,
     "out": PATH,
+    "overwrite": Bool(),
     "prompts": one_or_list(Str(), min_len=0),
     "templates": Templates(),
     "background": Opt(Float(ge=0, le=1, note="a probability threshold")),
@@ -577,6 +579,7 @@ CURATE: dict[str, Entry] = {
     "backbone": Str(),
     "weights": PATH,
     "out": PATH,
+    "overwrite": Bool(),
     "n_samples": Int(ge=1),
     "n_chips": Opt(Int(ge=1)),
     "shard_size": Int(ge=1),
@@ -607,6 +610,7 @@ EXPORT: dict[str, Entry] = {
     "format": OneOf(*EXPORT_FORMATS),
     "which": OneOf("teacher", "student"),
     "out": PATH,
+    "overwrite": Bool(),
 }
 
 # config groups, wherever a verb's config holds them (data=mix entries are data configs too)

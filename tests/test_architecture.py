@@ -23,7 +23,8 @@ LAYERS = {
     "verbs": 6,
     "cli": 7, "testing": 7,  # testing replays recorded official steps through the trainer; nothing imports it
 }
-BASE_MODULES = {"errors", "runs", "cpu", "runtime", "config", "checkpoint", "contract", "figures", "configs", "schema"}
+BASE_MODULES = {"errors", "outputs", "runs", "cpu", "runtime", "config", "checkpoint", "contract", "figures", "configs",
+                "schema"}
 
 
 def _modules() -> dict[str, Path]:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from geodino.errors import DataError
+from geodino.outputs import atomic_write_text
 
 CHIP_LIST_FORMAT = "geodino chip list v1"
 
@@ -23,14 +24,12 @@ CHIP_LIST_FORMAT = "geodino chip list v1"
 def write_chip_list(path: str | Path, chips: Sequence[int], meta: dict) -> Path:
     """Write a chip list (format in the module doc)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# format: {CHIP_LIST_FORMAT}"]
     for k, v in meta.items():
         lines.append(f"# {k}: {json.dumps(v)}")
     lines.append("# one chip index per line; chip i is RasterSource(seed=seed, chip_size=chip_size)[i] on these files")
     lines.extend(str(int(c)) for c in chips)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_chip_list(path: str | Path) -> tuple[np.ndarray, dict]:
@@ -64,12 +63,9 @@ def read_chip_list(path: str | Path) -> tuple[np.ndarray, dict]:
 
 
 def write_file_list(path: str | Path, files: Sequence[str | Path], header: str = "") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     lines.extend(str(Path(f).resolve()) for f in files)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_file_list(path: str | Path, base: str | Path | None = None) -> list[Path]:

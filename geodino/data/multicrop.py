@@ -29,6 +29,13 @@ Two paths, one semantics
 * ``n_bands != 3`` (multispectral): the same geometry, blur, solarize and normalisation kernels (they accept any
   channel count), but a band-aware colour step written by hand (see :func:`_ms_brightness_contrast`).
 
+Resampling and the value range: the bicubic RandomResizedCrop (and the Gram-crop resize) overshoots near edges.
+The reference resamples PIL ``uint8`` images, so every resampled pixel is clamped to [0, 255]; here a float RGB
+image is clamped to [0, 1] on input and after every resampling of undistorted pixels, as uint8 data is (without
+it the hue jitter turns overshoot into NaN). The multispectral path clamps the same places at the bottom only: a
+resampled value never falls below 0 (or below the image's own minimum when that is negative), while values above 1
+stay, as everywhere on that path.
+
 Every random draw uses torch's RNG: an optional ``torch.Generator`` (constructor or call argument) makes a run
 reproducible; without one the global torch RNG is used, which ``DataLoader`` seeds differently in each worker. Do
 **not** give a constructor generator to a transform used by several DataLoader workers: each worker would receive a
@@ -386,6 +393,8 @@ class MultiCropAugmentation:
                     f"by the data source (e.g. reflectance DN/10000); values above {MAX_PLAUSIBLE_VALUE:g} "
                     "look unscaled"
                 )
+            if self.is_rgb:  # what a uint8 image holds implicitly (module docstring)
+                img = img.clamp(0.0, 1.0)
         else:
             raise ValueError(
                 f"unsupported dtype {img.dtype}: give uint8 or a float tensor already scaled to [0, 1] "
@@ -395,9 +404,24 @@ class MultiCropAugmentation:
 
     # -------------------------------------------------------------------------------------------------- single ops
 
-    def _geometric(self, img: torch.Tensor, size: int, scale, gen, rec: dict) -> torch.Tensor:
+    def _value_range(self, img: torch.Tensor) -> tuple[float, float | None] | None:
+        """The range resampled pixels are clamped to (module docstring): None for uint8 (the dtype clamps), [0, 1]
+        for float RGB, [min(0, image minimum), no limit] for multispectral float."""
+        if img.dtype == torch.uint8:
+            return None
+        if self.is_rgb:
+            return 0.0, 1.0
+        return min(0.0, float(img.amin())) if img.numel() else 0.0, None
+
+    @staticmethod
+    def _clamp(img: torch.Tensor, value_range: tuple[float, float | None] | None) -> torch.Tensor:
+        return img if value_range is None else img.clamp(*value_range)
+
+    def _geometric(self, img: torch.Tensor, size: int, scale, gen, rec: dict,
+                   value_range: tuple[float, float | None] | None = None) -> torch.Tensor:
         top, left, h, w = _rrc_params(img.shape[-2], img.shape[-1], scale, _RATIO, gen)
         out = F.resized_crop(img, top, left, h, w, [size, size], interpolation=_BICUBIC, antialias=True)
+        out = self._clamp(out, value_range)
         flip = _coin(self.flip_prob, gen)
         if flip:
             out = F.horizontal_flip(out)
@@ -472,18 +496,19 @@ class MultiCropAugmentation:
 
         if self.share_color_jitter:
             img = self._color(img, gen, params["shared"])
+        value_range = self._value_range(img)
 
         gs, gram = self.global_crops_size, self.gram_teacher_crops_size
         max_size = max(gs, gram or 0)
         global_crops, gram_crops = [], []
         for which in ("global1", "global2"):
             rec: dict[str, Any] = {}
-            base = self._geometric(img, max_size, self.global_crops_scale, gen, rec)
+            base = self._geometric(img, max_size, self.global_crops_scale, gen, rec, value_range)
             if gram is None:
                 global_crops.append(self._distort(base, which, gen, rec))
             elif self.gram_teacher_no_distortions:
-                global_crops.append(self._distort(_resize(base, gs), which, gen, rec))
-                gram_crops.append(self._normalize(_resize(base, gram)))
+                global_crops.append(self._distort(self._clamp(_resize(base, gs), value_range), which, gen, rec))
+                gram_crops.append(self._normalize(self._clamp(_resize(base, gram), value_range)))
             else:
                 distorted = self._distort(base, which, gen, rec)
                 global_crops.append(_resize(distorted, gs))
@@ -493,7 +518,7 @@ class MultiCropAugmentation:
         local_crops = []
         for _ in range(self.local_crops_number):
             rec = {}
-            base = self._geometric(img, self.local_crops_size, self.local_crops_scale, gen, rec)
+            base = self._geometric(img, self.local_crops_size, self.local_crops_scale, gen, rec, value_range)
             local_crops.append(self._distort(base, "local", gen, rec))
             params["local"].append(rec)
 

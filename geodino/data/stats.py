@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from geodino.errors import DataError
+from geodino.outputs import atomic_write_text
 
 STATS_FORMAT = "geodino band stats v1"  # the "format" of a band_stats.json (`geodino curate action=stats`)
 
@@ -83,15 +84,12 @@ def _check_finite(bands, mean, std, where: str) -> None:
 
 def write_stats_file(path: str | Path, bands: Sequence[str], mean: Sequence[float], std: Sequence[float],
                      **meta) -> Path:
-    """A band statistics file: format tag, band names, mean and std (in [0, 1] units), plus how they were made.
-    A non-finite mean or std is refused (JSON would store NaN)."""
+    """A band statistics file: format tag, band names, mean and std (in [0, 1] units), plus how they were made,
+    written atomically. A non-finite mean or std is refused (JSON would store NaN)."""
     _check_finite(list(bands), mean, std, f"{path}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": STATS_FORMAT, "bands": list(bands), "mean": [float(m) for m in mean],
            "std": [float(s) for s in std], **meta}
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False))
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False))
 
 
 def load_stats_file(path, band_names: list[str], scale: float | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from geodino.outputs import atomic_write_text
+
 
 def write_report(out_dir: str | Path, results: dict, config: dict | None = None, title: str = "geodino report",
                  json_only: dict | None = None, appendix: str = "") -> tuple[Path, Path]:
@@ -13,13 +15,14 @@ def write_report(out_dir: str | Path, results: dict, config: dict | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / "results.json"
-    js.write_text(json.dumps({"results": {**results, **(json_only or {})}, "config": config}, indent=2, default=str))
+    atomic_write_text(js, json.dumps({"results": {**results, **(json_only or {})}, "config": config}, indent=2,
+                                     default=str))
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     for k, v in _flatten(results).items():
         if isinstance(v, (int, float)):
             lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
     md = out_dir / "report.md"
-    md.write_text("\n".join(lines) + "\n" + appendix)
+    atomic_write_text(md, "\n".join(lines) + "\n" + appendix)
     return js, md
 
 

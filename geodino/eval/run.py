@@ -10,6 +10,10 @@ and the run directory (``outputs/eval/<task>/<time>`` unless ``run_dir=``), runs
 * ``report.md`` — a table of every scalar plus the published numbers with their protocol;
 * ``figures/*.png`` — input / truth / prediction for a few tiles and ``pca_features.png``;
 * ``config.yaml`` and ``run.log``.
+
+A ``run_dir`` that already holds ``results.json`` is refused unless ``overwrite=true``; a run that fails removes
+the run directory it created (geodino.outputs). A released name without ``weights=`` is a randomly initialised
+backbone: the log warns, and ``results.json`` (``backbone.random_weights``), the report and the printed line say so.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from geodino.eval.published import PUBLISHED, published_markdown
 from geodino.eval.report import write_report
 from geodino.models import load_backbone
 from geodino.models.extract import Extractor
+from geodino.models.registry import is_arch
+from geodino.outputs import atomic_write_text, check_outputs, output_dir
 from geodino.runs import default_run_dir, json_safe, setup_logging
 from geodino.runtime import verb_setup
 
@@ -123,9 +129,15 @@ def run_eval(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, task: str, runner, root: Path, device: torch.device) -> dict:
-    run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else default_run_dir("eval", task)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run_dir = Path(str(cfg.run_dir)).expanduser() if cfg.get("run_dir") else default_run_dir("eval", task)
+    check_outputs([run_dir / "results.json", run_dir / "report.md"], [_opt(cfg.get("weights"))],
+                  overwrite=bool(cfg.get("overwrite", False)), what="eval output")
+    with output_dir(run_dir):  # a failed run leaves no run directory behind
+        return _run_in(cfg, task, runner, root, device, run_dir)
+
+
+def _run_in(cfg: DictConfig, task: str, runner, root: Path, device: torch.device, run_dir: Path) -> dict:
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     setup_logging(run_dir / "run.log")
     temporary = not cfg.get("cache_features", True)
     if temporary:  # features still go to memory-mapped files (a LoveDA split can exceed RAM), removed at the end
@@ -149,11 +161,13 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
     contract = backbone.geodino_contract
     metrics = runner(ctx)
     elapsed = time.perf_counter() - t0
+    random_weights = is_arch(str(cfg.backbone)) and _opt(cfg.get("weights")) is None
     results = {
         "task": task,
         "backbone": {
             "name": str(cfg.backbone),
             "weights": _opt(cfg.get("weights")),
+            "random_weights": random_weights,
             "arch": contract.name,
             "bands": list(contract.bands),
             "mean": list(contract.mean),
@@ -171,11 +185,15 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
     config = OmegaConf.to_container(cfg, resolve=True)
     # the published numbers go into the JSON and a section of their own, not into our metric table
     published = copy.deepcopy(PUBLISHED.get(task, {}))
+    warning = f"RANDOM backbone weights: {cfg.backbone} was loaded without weights=" if random_weights else ""
+    appendix = published_markdown(task)
+    if warning:
+        appendix = f"\n> **Warning: {warning}; these numbers are a random-feature baseline.**\n\n{appendix}"
     _, md = write_report(run_dir, results, config=config, title=f"geodino eval {task} — {cfg.backbone}",
-                         json_only={"published": published}, appendix=published_markdown(task))
+                         json_only={"published": published}, appendix=appendix)
     results["published"] = published
     log.info("wrote %s and %s", run_dir / "results.json", md)
-    print(f"geodino eval {task}: {_headline(results)} -> {run_dir}")
+    print(f"geodino eval {task}: {_headline(results)} -> {run_dir}" + (f"  ({warning})" if warning else ""))
     return results
 
 

@@ -21,7 +21,7 @@ from geodino.errors import CheckpointError
 from geodino.models.convnext import ConvNeXtBlock, convnext
 from geodino.models.registry import ARCHS, arch, arch_names
 from geodino.models.vit import SelfAttentionBlock, dinov3_vit
-from geodino.models.weights import load_weights_into, read_state_dict
+from geodino.models.weights import infer_arch, is_official_layout, load_weights_into, read_state_dict
 
 log = logging.getLogger("geodino")
 
@@ -150,8 +150,14 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
     - `load_backbone("outputs/train/pretrain/<run>")` (a run directory, a `.pt` training checkpoint, a backbone
       file such as a distilled student, or a geodino-exported `.safetensors`); `which` picks the EMA teacher
       (default) or the student of a training checkpoint.
+    - `load_backbone("backbone.pth")`: an official-layout file (``geodino export format=official``, a released
+      ``.pth``) has no contract; the architecture is read off its keys (`weights.infer_arch`; `overrides` such as
+      ``num_heads`` fill in what the keys cannot tell) and the registry's normalisation is assumed.
     - `in_chans != 3` with RGB weights adapts the first layer with `adapt_patch_embed` and records the
       rule in the contract.
+
+    A registry name without `weights` is a randomly initialised backbone: that is logged as a warning, once per
+    call (`build_backbone` is the quiet way to start a model from scratch).
     """
     name = str(name_or_path)
     if name in ARCHS:
@@ -159,6 +165,10 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
         if weights is not None:
             sd, _ = read_state_dict(weights)
             load_weights_into(model, sd, source=f"weights file {weights}")
+        else:
+            log.warning("backbone %s loaded without weights=: its weights are RANDOM (the official initialisation, "
+                        "not the %s); pass weights=<local .pth or .safetensors> for a trained backbone", name,
+                        "released model" if name.startswith("dinov3_") else "result of any training")
         if in_chans is not None and int(in_chans) != model.geodino_contract.in_chans:
             model = adapt_bands(model, int(in_chans), bands, rgb_indices)
         elif bands is not None:
@@ -168,7 +178,7 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
     path = Path(name).expanduser()
     if not path.exists():
         raise CheckpointError(f"unknown backbone '{name}': no such file or run directory, and not a known name ({', '.join(arch_names())})")
-    contract, sd = read_geodino_backbone(path, which)
+    contract, sd = read_geodino_backbone(path, which, **overrides)
     if weights is not None:
         sd, _ = read_state_dict(weights)
     model = backbone_from_contract(contract)
@@ -178,15 +188,38 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
     return model.to(device).eval()
 
 
-def read_geodino_backbone(path: Path, which: str = "teacher") -> tuple[Contract, dict]:
-    """(contract, official-key weights) of a geodino-exported safetensors file or any geodino checkpoint file."""
+def read_geodino_backbone(path: Path, which: str = "teacher", **overrides) -> tuple[Contract, dict]:
+    """(contract, official-key weights) of a geodino-exported safetensors file, any geodino checkpoint file, or an
+    official-layout state dict (architecture from its keys: `official_contract`)."""
     if path.suffix == ".safetensors":
         sd, meta = read_state_dict(path)
         contract = meta.get("geodino_contract")
         if not contract:
             raise CheckpointError(f"{path} has no geodino contract in its metadata; pass a released name and weights={path}")
         return Contract.from_dict(contract, where=str(path)), sd
+    if path.is_file() and path.suffix == ".pth":  # the official layout's suffix: read it without running code
+        try:
+            sd, _ = read_state_dict(path)
+        except CheckpointError:
+            sd = None  # not a plain state dict: a geodino checkpoint saved under a .pth name
+        if is_official_layout(sd):
+            return official_contract(sd, str(path), **overrides), sd
     ckpt = Checkpoint.open(path)
+    if path.is_file() and not ckpt.has_contract and is_official_layout(ckpt.raw):
+        return official_contract(ckpt.raw, str(path), **overrides), ckpt.raw
     if not ckpt.has_contract or not (ckpt.is_backbone_file or ckpt.is_training or ckpt.is_dinotxt):
         raise CheckpointError(f"{path} is not a geodino checkpoint (no 'models' / 'contract' entries)")
     return ckpt.contract, ckpt.backbone_state(which)
+
+
+def official_contract(sd: dict[str, torch.Tensor], source: str, **overrides) -> Contract:
+    """The contract of an official-layout state dict: the architecture read off its keys (`weights.infer_arch`),
+    the registry's normalisation for it (logged, with the other registry names the same weights fit)."""
+    name, kwargs = infer_arch(sd, source, **overrides)
+    same = [n for n, a in ARCHS.items() if n != name and a["kwargs"] == ARCHS[name]["kwargs"]
+            and (a["mean"], a["std"]) != (ARCHS[name]["mean"], ARCHS[name]["std"])]
+    log.log(logging.WARNING if same else logging.INFO,
+            "%s has no geodino contract: architecture %s read off its keys, its normalisation assumed%s "
+            "(geodino export format=safetensors keeps the contract)", source, name,
+            f"; for {', '.join(same)} use load_backbone('{same[0]}', weights='{source}')" if same else "")
+    return default_contract(name, kwargs)

@@ -18,6 +18,7 @@ from torch import nn
 
 from geodino.errors import CheckpointError
 from geodino.models.registry import ARCHS
+from geodino.outputs import atomic_output
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -58,25 +59,117 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return obj, meta
 
 
+def is_official_layout(sd) -> bool:
+    """A flat dict of tensors with the official ViT or ConvNeXt keys (no geodino ``format`` / ``contract``)."""
+    return (isinstance(sd, dict) and bool(sd) and all(torch.is_tensor(v) for v in sd.values())
+            and (("cls_token" in sd and "patch_embed.proj.weight" in sd) or "downsample_layers.0.0.weight" in sd))
+
+
+def _vit_features(sd: dict[str, torch.Tensor]) -> dict:
+    """What the keys and shapes of an official ViT state dict say about its constructor arguments."""
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    proj = sd["patch_embed.proj.weight"]
+    swiglu = "blocks.0.mlp.w1.weight" in sd
+    hidden = sd["blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[0] if blocks else 0
+    return {"embed_dim": int(sd["cls_token"].shape[-1]), "depth": max(blocks) + 1 if blocks else 0,
+            "in_chans": int(proj.shape[1]), "patch_size": int(proj.shape[-1]),
+            "n_storage_tokens": int(sd["storage_tokens"].shape[1]) if "storage_tokens" in sd else 0,
+            "swiglu": swiglu, "hidden": int(hidden),
+            "qkv_bias": "blocks.0.attn.qkv.bias" in sd, "mask_k_bias": "blocks.0.attn.qkv.bias_mask" in sd,
+            "proj_bias": "blocks.0.attn.proj.bias" in sd,
+            "ffn_bias": f"blocks.0.mlp.{'w1' if swiglu else 'fc1'}.bias" in sd,
+            "layerscale": "blocks.0.ls1.gamma" in sd, "untie_cls_and_patch_norms": "cls_norm.weight" in sd,
+            "untie_global_and_local_cls_norm": "local_cls_norm.weight" in sd}
+
+
+def _convnext_features(sd: dict[str, torch.Tensor]) -> dict:
+    keys = [f"downsample_layers.{i}.{0 if i == 0 else 1}.weight" for i in range(4)]
+    return {"dims": [int(sd[k].shape[0]) for k in keys if k in sd],
+            "depths": [len({int(m.group(1)) for k in sd if (m := re.match(rf"stages\.{s}\.(\d+)\.", k))})
+                       for s in range(4)],
+            "in_chans": int(sd["downsample_layers.0.0.weight"].shape[1]),
+            "layer_scale": "stages.0.0.gamma" in sd}
+
+
+def _swiglu_hidden(dim: int, ratio: float, ffn_layer: str) -> int:
+    align = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}[ffn_layer]
+    d = int(dim * ratio * 2 / 3)
+    return d + (-d % align)
+
+
+# constructor defaults of the ViT switches the registry entries may leave out
+_VIT_DEFAULTS = {"n_storage_tokens": 0, "qkv_bias": True, "mask_k_bias": False, "proj_bias": True, "ffn_bias": True,
+                 "untie_cls_and_patch_norms": False, "untie_global_and_local_cls_norm": False}
+
+
+def _vit_kwargs(base: dict, f: dict) -> dict:
+    """`base` (a registry entry's kwargs) changed where the keys say otherwise (`_vit_features`)."""
+    kw = {**base, "embed_dim": f["embed_dim"], "depth": f["depth"], "in_chans": f["in_chans"],
+          "patch_size": f["patch_size"]}
+    said = {k: f[k] for k in _VIT_DEFAULTS if k != "mask_k_bias" or f["qkv_bias"]}  # no bias, no bias_mask key
+    kw.update({k: v for k, v in said.items() if base.get(k, _VIT_DEFAULTS[k]) != v})
+    if not f["layerscale"]:
+        kw["layerscale_init"] = None
+    elif not kw.get("layerscale_init"):
+        kw["layerscale_init"] = 1e-5
+    dim, ffn = f["embed_dim"], kw.get("ffn_layer", "mlp")
+    if not f["swiglu"]:
+        if ffn != "mlp" or int(dim * kw.get("ffn_ratio", 4.0)) != f["hidden"]:
+            kw["ffn_layer"], kw["ffn_ratio"] = "mlp", f["hidden"] / dim
+    elif ffn == "mlp" or _swiglu_hidden(dim, kw.get("ffn_ratio", 4.0), ffn) != f["hidden"]:
+        kw["ffn_layer"], kw["ffn_ratio"] = "swiglu", f["hidden"] * 1.5 / dim
+    return kw
+
+
+def infer_arch(sd: dict[str, torch.Tensor], source: str = "state dict", **overrides) -> tuple[str, dict]:
+    """(registry name, constructor kwargs) of an official-layout state dict: embed dim, depth, FFN type and width,
+    storage tokens, input channels, patch size and the optional parts come from the keys and shapes; what the keys
+    cannot tell (a ViT's number of heads; RoPE settings, norms) from the registry entry with that embed dim and
+    depth, preferring the one the keys match exactly (``dinov3_vitl16`` vs ``dinov3_vitl16_sat493m``: untied cls
+    norms). `overrides` (e.g. ``num_heads``) win. A clear CheckpointError when the keys are no DINOv3 backbone or
+    the heads are ambiguous."""
+    if "cls_token" in sd and "patch_embed.proj.weight" in sd:
+        f = _vit_features(sd)
+        cands = {n: a for n, a in sorted(ARCHS.items(), key=lambda t: (len(t[0]), t[0])) if a["family"] == "vit"
+                 and a["kwargs"]["embed_dim"] == f["embed_dim"] and a["kwargs"]["depth"] == f["depth"]}
+        heads = {a["kwargs"]["num_heads"] for a in cands.values()}
+        shape = f"a ViT with embed_dim {f['embed_dim']} and depth {f['depth']}"
+        if "num_heads" not in overrides and len(heads) != 1:
+            why = "no registry entry has these sizes" if not heads else f"registry entries disagree ({sorted(heads)})"
+            raise CheckpointError(f"{source} is {shape}: its number of attention heads cannot be read from the "
+                                  f"weights and {why}; pass num_heads=... (load_backbone(path, num_heads=N))")
+        if not cands:  # sizes outside the registry: the generic ViT settings of the CPU-sized entry
+            cands = {"geodino_vit_tiny": ARCHS["geodino_vit_tiny"]}
+        fitted = {n: {**_vit_kwargs(a["kwargs"], f), **overrides} for n, a in cands.items()}
+        exact = [n for n, kw in fitted.items() if kw == {**cands[n]["kwargs"], **overrides}]
+        name = exact[0] if exact else next(iter(fitted))
+        return name, fitted[name]
+    if "downsample_layers.0.0.weight" in sd:
+        f = _convnext_features(sd)
+        cands = [n for n, a in sorted(ARCHS.items()) if a["family"] == "convnext"
+                 and a["kwargs"]["dims"] == f["dims"] and a["kwargs"]["depths"] == f["depths"]]
+        name = cands[0] if cands else "geodino_convnext_tiny"
+        kw = {**ARCHS[name]["kwargs"], "dims": f["dims"], "depths": f["depths"], "in_chans": f["in_chans"]}
+        if not f["layer_scale"]:
+            kw["layer_scale_init_value"] = 0.0
+        return name, {**kw, **overrides}
+    raise CheckpointError(f"{source} is {describe_state_dict(sd)}")
+
+
 def describe_state_dict(sd: dict[str, torch.Tensor]) -> str:
     """Guess the architecture behind an official-layout state dict (for error messages)."""
     if "cls_token" in sd and "patch_embed.proj.weight" in sd:
-        dim = sd["cls_token"].shape[-1]
-        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-        depth = max(blocks) + 1 if blocks else 0
-        swiglu = any(".mlp.w1." in k for k in sd)
-        in_ch = sd["patch_embed.proj.weight"].shape[1]
-        guess = [n for n, a in ARCHS.items() if a["family"] == "vit" and a["kwargs"]["embed_dim"] == dim
-                 and a["kwargs"]["depth"] == depth and (a["kwargs"]["ffn_layer"] != "mlp") == swiglu]
-        desc = f"a ViT with embed_dim {dim}, depth {depth}, {'SwiGLU' if swiglu else 'MLP'} FFN, {in_ch} input channels"
+        f = _vit_features(sd)
+        guess = [n for n, a in ARCHS.items() if a["family"] == "vit" and a["kwargs"]["embed_dim"] == f["embed_dim"]
+                 and a["kwargs"]["depth"] == f["depth"] and (a["kwargs"]["ffn_layer"] != "mlp") == f["swiglu"]]
+        desc = (f"a ViT with embed_dim {f['embed_dim']}, depth {f['depth']}, {'SwiGLU' if f['swiglu'] else 'MLP'} "
+                f"FFN, {f['in_chans']} input channels")
         return desc + (f" (likely {' / '.join(sorted(set(guess)))})" if guess else "")
     if "downsample_layers.0.0.weight" in sd:
-        dims = [sd[f"downsample_layers.{i}.{0 if i == 0 else 1}.weight"].shape[0] for i in range(4)
-                if f"downsample_layers.{i}.{0 if i == 0 else 1}.weight" in sd]
-        depths = [len({int(m.group(1)) for k in sd if (m := re.match(rf"stages\.{s}\.(\d+)\.", k))}) for s in range(4)]
-        guess = [n for n, a in ARCHS.items() if a["family"] == "convnext" and a["kwargs"]["dims"] == dims
-                 and a["kwargs"]["depths"] == depths]
-        return f"a ConvNeXt with dims {dims}, depths {depths}" + (f" (likely {guess[0]})" if guess else "")
+        f = _convnext_features(sd)
+        guess = [n for n, a in ARCHS.items() if a["family"] == "convnext" and a["kwargs"]["dims"] == f["dims"]
+                 and a["kwargs"]["depths"] == f["depths"]]
+        return f"a ConvNeXt with dims {f['dims']}, depths {f['depths']}" + (f" (likely {guess[0]})" if guess else "")
     keys = list(sd)[:5]
     return f"not a DINOv3 backbone layout (first keys: {', '.join(keys)})"
 
@@ -114,17 +207,18 @@ EXPORT_FORMATS = ("official", "safetensors")
 
 
 def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official") -> Path:
-    """Write a backbone as an official-layout ``.pth`` or a safetensors file with its contract in the metadata."""
+    """Write a backbone as an official-layout ``.pth`` or a safetensors file with its contract in the metadata,
+    atomically (geodino.outputs: a full disk leaves no partial file and is one line)."""
     if fmt not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format '{fmt}'; choose {' or '.join(EXPORT_FORMATS)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sd = official_state_dict(model)
-    if fmt == "official":
-        torch.save(sd, out)
-    else:
-        contract = getattr(model, "geodino_contract", None)
-        meta = {"format": "dinov3-official-keys",
-                "geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
-        save_file(sd, str(out), metadata=meta)
+    with atomic_output(out, needs_bytes=sum(v.numel() * v.element_size() for v in sd.values())) as tmp:
+        if fmt == "official":
+            torch.save(sd, tmp)
+        else:
+            contract = getattr(model, "geodino_contract", None)
+            meta = {"format": "dinov3-official-keys",
+                    "geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
+            save_file(sd, str(tmp), metadata=meta)
     return out

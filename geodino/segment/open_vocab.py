@@ -4,6 +4,14 @@
     result = seg.segment("scene.tif", ["building", "road", "water", "forest"], background=0.4)
     result.labels      # (H, W) int16: index into result.class_names; -1 background, -2 nodata
     result.scores      # (H, W) float32: probability of the winning class
+    result.file_labels()   # (H, W) uint8: the values `geodino segment` writes to its GeoTIFF (below)
+
+Labels: two conventions, one mapping. In Python, ``labels`` index ``class_names`` (0..K-1), with ``BACKGROUND``
+(-1) and ``NODATA`` (-2). In files (the ``geodino segment`` GeoTIFF, band 1, uint8) the K classes are 1..K in
+prompt order, background is K+1 and nodata is the raster's nodata value (0 unless the input's own nodata value fits
+uint8 and is free), so 0 stays a natural nodata. :func:`file_labels` maps the first to the second and
+:func:`api_labels` back; the CLI writes its rasters with :func:`file_labels`, so ``result.file_labels()`` equals
+the raster ``geodino segment`` writes for the same image and prompts.
 
 Text side: every class name is put into each prompt template, encoded, and the half of the joint embedding that is
 aligned with the pooled patch tokens (``[E/2:]`` for ``[cls || patch]`` models) is kept, L2-normalised, averaged
@@ -46,10 +54,34 @@ from geodino.text.io import load_dinotxt
 log = logging.getLogger("geodino")
 
 __all__ = ["OpenVocabSegmenter", "SegmentationResult", "TEMPLATES", "RS_TEMPLATES", "BACKGROUND", "NODATA",
-           "resolve_templates"]
+           "api_labels", "file_labels", "resolve_templates"]
 
 BACKGROUND = -1
 NODATA = -2
+
+
+def file_labels(labels: np.ndarray, n_classes: int, nodata: int = 0) -> np.ndarray:
+    """API labels (0..K-1, BACKGROUND, NODATA) -> the uint8 label values of a ``geodino segment`` GeoTIFF: class i
+    -> i + 1, BACKGROUND -> K + 1, NODATA -> ``nodata`` (module docstring)."""
+    k = int(n_classes)
+    if not 0 <= int(nodata) <= 255 or 1 <= int(nodata) <= k + 1:
+        raise GeodinoError(f"nodata value {nodata} must fit uint8 and differ from the labels 1..{k + 1}")
+    lab = np.asarray(labels)
+    out = (lab.astype(np.int16) + 1).astype(np.uint8)  # classes 0..K-1 -> 1..K
+    out[lab == BACKGROUND] = k + 1
+    out[lab == NODATA] = int(nodata)
+    return out
+
+
+def api_labels(values: np.ndarray, n_classes: int, nodata: int | None = 0) -> np.ndarray:
+    """The inverse of :func:`file_labels`: GeoTIFF label values -> int16 API labels."""
+    k = int(n_classes)
+    v = np.asarray(values).astype(np.int16)
+    out = v - 1
+    out[v == k + 1] = BACKGROUND
+    if nodata is not None:
+        out[v == int(nodata)] = NODATA
+    return out
 
 #: Remote-sensing prompt templates.
 RS_TEMPLATES: tuple[str, ...] = (
@@ -138,6 +170,10 @@ class SegmentationResult:
         names = np.array(["nodata", "background", *self.class_names], dtype=object)
         return names[self.labels.astype(np.int64) + 2]
 
+    def file_labels(self, nodata: int = 0) -> np.ndarray:
+        """(H, W) uint8 labels as ``geodino segment`` writes them: 1..K, K+1 background, ``nodata`` (module doc)."""
+        return file_labels(self.labels, len(self.class_names), nodata)
+
 
 class OpenVocabSegmenter:
     """Per-pixel open-vocabulary labels from a dino.txt model (see module doc)."""
@@ -173,6 +209,10 @@ class OpenVocabSegmenter:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> "OpenVocabSegmenter":
         """From a ``geodino train stage=text`` run directory or checkpoint file."""
         model, meta = load_dinotxt(path)
+        if meta.get("random_backbone"):
+            log.warning("%s was aligned on a RANDOMLY initialised frozen backbone (%s; stage=text without init= or "
+                        "model.weights): its segmentations say little about the classes", meta["checkpoint"],
+                        meta["contract"].name)
         scale = kwargs.pop("scale", meta.get("data", {}).get("scale"))
         return cls(model, meta["contract"], scale=scale, device=device, info=meta, **kwargs)
 

@@ -9,17 +9,23 @@ Output GeoTIFF (same CRS, transform and size as the input; tiled, deflate):
 
 * band 1 ``labels`` (uint8, colour table): 1..K = the prompts in order, K+1 = background (when ``background`` is
   set), and the nodata value where the input is nodata. The input's nodata value is kept when it fits uint8 and
-  is not a label value (e.g. 0 or 255); otherwise 0 is used and the input value is recorded in the tags;
+  is not a label value (e.g. 0 or 255); otherwise 0 is used and the input value is recorded in the tags. The
+  values come from ``geodino.segment.open_vocab.file_labels``, the one mapping from the Python API's labels
+  (0..K-1, -1 background, -2 nodata), so ``OpenVocabSegmenter.segment(...).file_labels()`` gives the same raster;
 * band 2 ``score`` (optional, ``scores=true``): the winning-class probability as uint8 1..254 with GDAL
   scale/offset so that ``value * scale + offset`` is the probability;
 * tags: ``CLASSES`` (JSON list), ``CLASS_<value>``, the checkpoint, templates and background threshold.
 
-Beside it: ``<out>.png``, a downsampled colour preview with a legend, and ``<out>.json`` with the legend, pixel
-counts per class and timings.
+Beside it, for ``out=<stem>.tif``: ``<stem>.preview.png``, a downsampled colour preview with a legend, and
+``<stem>.summary.json`` with the legend, pixel counts per class and timings. ``out`` must end in ``.tif`` /
+``.tiff``; no output may be the input raster or the checkpoint, and an existing output is replaced only with
+``overwrite=true`` (checked before the model runs). Every file is written to a temporary name and renamed when
+complete; a failed run leaves no partial file and no empty output folder (geodino.outputs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,9 +40,10 @@ from rasterio.windows import Window
 
 from geodino.data.geotiff import band_names, dataset_tags, pick_bands, resolve_scaling, valid_mask
 from geodino.errors import DataError, GeodinoError
+from geodino.outputs import atomic_output, check_outputs, output_dir, write_new
 from geodino.runs import default_run_dir
 from geodino.runtime import verb_setup
-from geodino.segment.open_vocab import OpenVocabSegmenter, check_prompts, decide, resolve_templates
+from geodino.segment.open_vocab import OpenVocabSegmenter, check_prompts, decide, file_labels, resolve_templates
 from geodino.segment.tiling import blend_tiles
 
 log = logging.getLogger("geodino")
@@ -107,10 +114,27 @@ def preview_png(labels: np.ndarray, class_names: list[str], out: Path, backgroun
     return out
 
 
+def output_files(out: str | Path, input_path: str | Path, preview: bool = True, overwrite: bool = False,
+                 checkpoint: str | Path | None = None) -> dict[str, Path]:
+    """The files ``segment`` writes for ``out`` ({"labels", "summary"[, "preview"]}), refused (one line) before any
+    work when ``out`` is not a GeoTIFF name or an output would overwrite the input, the checkpoint, another output
+    or (without ``overwrite``) an existing file."""
+    input_path = Path(str(input_path)).expanduser()
+    out = Path(str(out)).expanduser()
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise GeodinoError(f"out={out}: the labels are written as a GeoTIFF, so out must end in .tif or .tiff "
+                           f"(the preview and summary go beside it as <name>.preview.png and <name>.summary.json)")
+    files = {"labels": out, "summary": out.with_name(f"{out.stem}.summary.json")}
+    if preview:
+        files["preview"] = out.with_name(f"{out.stem}.preview.png")
+    check_outputs(files.values(), [input_path, checkpoint], overwrite=overwrite, what="output")
+    return files
+
+
 def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, background: float | None = None,
                    templates="default", tile: int = 512, overlap: int = 64, scores: bool = True,
                    preview: bool = True, preview_size: int = 1024, progress: bool = True, scale: float | None = None,
-                   gdal_cache_mb: int = 64, compress: str = "deflate") -> dict:
+                   gdal_cache_mb: int = 64, compress: str = "deflate", overwrite: bool = False) -> dict:
     """Segment a GeoTIFF window by window into ``out`` (see module doc); returns the summary dict."""
 
     prompts = check_prompts(prompts)
@@ -119,10 +143,18 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
     input_path = Path(str(input_path)).expanduser()
     if not input_path.is_file():
         raise DataError(f"input raster {input_path} does not exist")
-    out = Path(str(out)).expanduser()
-    if out.resolve() == input_path.resolve():
-        raise GeodinoError(f"out={out} would overwrite the input raster")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    files = output_files(out, input_path, preview, overwrite, segmenter.info.get("checkpoint"))
+    out = files["labels"]
+    with output_dir(out.parent), contextlib.ExitStack() as written:
+        # every file goes to a temporary name; all are renamed at the end, or all removed on failure
+        summary = _segment_into(segmenter, input_path, prompts, files, written, background, templates, tile,
+                                overlap, scores, preview_size, progress, scale, gdal_cache_mb, compress)
+    return summary
+
+
+def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[str, Path], written, background,
+                  templates, tile, overlap, scores, preview_size, progress, scale, gdal_cache_mb, compress) -> dict:
+    out = files["labels"]
     t0 = time.perf_counter()
     text = segmenter.text_embeddings(prompts, templates)
     predict = segmenter.predictor(text)
@@ -157,7 +189,8 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
                 x01[:, ~valid] = 0.0
                 return x01, valid
 
-            with rasterio.open(out, "w", **profile) as dst:
+            tmp = written.enter_context(atomic_output(out, needs_bytes=H * W * profile["count"]))
+            with rasterio.open(tmp, "w", **profile) as dst:
                 dst.descriptions = ("labels", "score")[: profile["count"]]
                 cmap = {0: (0, 0, 0, 0)}
                 for i, c in enumerate(class_colours(k)):
@@ -168,13 +201,11 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
                     cmap[out_nodata] = (0, 0, 0, 0)
                 dst.write_colormap(1, cmap)
 
+                nod = 0 if out_nodata is None else out_nodata
+
                 def emit(y, x, probs, valid):
                     lab, sc = decide(probs, valid, background)
-                    out_lab = (lab + 1).astype(np.uint8)  # classes 1..K
-                    if bg:
-                        out_lab[lab == -1] = k + 1
-                    nod = 0 if out_nodata is None else out_nodata
-                    out_lab[~valid] = nod
+                    out_lab = file_labels(lab, k, nod)  # 1..K, K+1 background, nodata (open_vocab docstring)
                     h, w = out_lab.shape
                     win = Window(x, y, w, h)
                     dst.write(out_lab, 1, window=win)
@@ -210,10 +241,15 @@ def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, 
         | ({"background": int(counts[k + 1])} if bg else {}) | {"nodata": int(counts[k + 2])},
         "seconds": seconds, "seconds_per_megapixel": seconds / max(H * W / 1e6, 1e-9), **stats, **notes,
     }
-    if preview:
-        png = preview_png(prev, prompts, out.with_suffix(".png"), bg, out_nodata, title=input_path.name)
-        summary["preview"] = str(png)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    if "preview" in files:
+        preview_png(prev, prompts, written.enter_context(atomic_output(files["preview"])), bg, out_nodata,
+                    title=input_path.name)
+        summary["preview"] = str(files["preview"])
+    summary["summary"] = str(files["summary"])
+    if segmenter.info.get("random_backbone"):
+        summary["random_backbone"] = True
+    text = json.dumps(summary, indent=2)
+    write_new(written.enter_context(atomic_output(files["summary"], needs_bytes=len(text))), text)
     return summary
 
 
@@ -235,6 +271,9 @@ def run_segment(cfg) -> dict:
         out = Path(str(cfg.out)).expanduser()
     else:
         out = default_run_dir("segment", inp.stem) / f"{inp.stem}_segment.tif"
+    preview = bool(cfg.get("preview", True))
+    overwrite = bool(cfg.get("overwrite", False))
+    output_files(out, inp, preview, overwrite, str(cfg.checkpoint))  # refused before the model loads
     seg = OpenVocabSegmenter.from_checkpoint(
         str(cfg.checkpoint), device=str(cfg.get("device", "auto")),
         patch_features=str(cfg.get("patch_features", "head")), blend=str(cfg.get("blend", "linear")),
@@ -243,11 +282,12 @@ def run_segment(cfg) -> dict:
     summary = segment_raster(
         seg, inp, prompts, out, background=None if cfg.get("background") is None else float(cfg.background),
         templates=templates, tile=int(cfg.tile), overlap=int(cfg.overlap), scores=bool(cfg.get("scores", True)),
-        preview=bool(cfg.get("preview", True)), preview_size=int(cfg.get("preview_size", 1024)),
-        progress=bool(cfg.get("progress", True)), gdal_cache_mb=int(cfg.get("gdal_cache_mb", 64)),
+        preview=preview, preview_size=int(cfg.get("preview_size", 1024)),
+        progress=bool(cfg.get("progress", True)), gdal_cache_mb=int(cfg.get("gdal_cache_mb", 64)), overwrite=overwrite,
     )
     print(f"labels:  {summary['out']}  ({summary['width']}x{summary['height']}, {len(prompts)} classes, "
           f"{summary['seconds']:.1f} s, {summary['seconds_per_megapixel']:.2f} s/MP)")
     if "preview" in summary:
         print(f"preview: {summary['preview']}")
+    print(f"summary: {summary['summary']}")
     return summary

@@ -39,8 +39,9 @@ def save_dinotxt(model: DinoTxt, path: str | Path, data: dict | None = None, con
 def load_dinotxt(path: str | Path) -> tuple[DinoTxt, dict]:
     """(model in eval mode, metadata) from a ``stage=text`` run directory or checkpoint file.
 
-    The metadata holds ``contract`` (backbone: bands, mean/std, patch size), ``data`` (scaling), ``tokenizer`` and
-    ``config`` (the dino.txt config)."""
+    The metadata holds ``contract`` (backbone: bands, mean/std, patch size), ``data`` (scaling), ``tokenizer``,
+    ``config`` (the dino.txt config) and ``random_backbone`` (True when the text stage aligned a randomly
+    initialised frozen backbone: no ``init=`` / ``model.weights``)."""
     ckpt = Checkpoint.open(path)
     file = ckpt.path
     if not ckpt.is_dinotxt:
@@ -55,5 +56,6 @@ def load_dinotxt(path: str | Path) -> tuple[DinoTxt, dict]:
     except RuntimeError as e:
         raise CheckpointError(f"{file}: weights do not fit the recorded dino.txt config: {str(e).splitlines()[0]}") from e
     meta = {"contract": ckpt.contract, "data": ckpt.data, "tokenizer": info.get("tokenizer", {}),
-            "config": cfg.to_dict(), "checkpoint": str(file), "step": ckpt.step}
+            "config": cfg.to_dict(), "checkpoint": str(file), "step": ckpt.step,
+            "random_backbone": bool(info.get("random_backbone", False))}
     return model.eval(), meta

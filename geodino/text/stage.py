@@ -137,19 +137,18 @@ def config_from_stage(stage_cfg) -> DinoTxtConfig:
 
 def _frozen_backbone(cfg, n_bands: int, band_names: list[str], rgb: tuple | None):
     """The backbone from ``init=`` (a geodino run / checkpoint / exported file, or a released name with
-    ``model.weights``) or from ``model=``. Returns (backbone, contract_from_init: bool)."""
+    ``model.weights``) or from ``model=``. Returns (backbone, contract_from_init: bool, random weights: bool)."""
     init = cfg.get("init")
     weights = cfg.model.get("weights") if cfg.get("model") is not None else None
     if weights and not Path(str(weights)).expanduser().is_file():  # before building a large model
         raise CheckpointError(f"model.weights={weights}: weights file {weights} does not exist")
     if init:
         name = str(init)
-        if is_arch(name):
-            if not weights:
-                log.warning("init=%s without model.weights: the frozen backbone has RANDOM weights", name)
+        if is_arch(name):  # without model.weights load_backbone warns that the weights are random
             model = load_backbone(name, weights=str(weights) if weights else None,
                                   in_chans=n_bands if n_bands != arch(name)["kwargs"].get("in_chans", 3) else None,
                                   bands=band_names, rgb_indices=rgb)
+            return model, True, not weights
         else:
             model = load_backbone(name)
             c = model.geodino_contract
@@ -159,17 +158,17 @@ def _frozen_backbone(cfg, n_bands: int, band_names: list[str], rgb: tuple | None
                 else:
                     raise GeodinoError(f"init={name} takes {c.in_chans} bands ({', '.join(c.bands)}) but the "
                                        f"caption images have {n_bands} ({', '.join(band_names)})")
-        return model, True
+        return model, True, False
     name = str(cfg.model.name)
     kw = cfg.model.get("kwargs")
     overrides = OmegaConf.to_container(kw, resolve=True) if kw is not None else {}
     if weights:
         model = load_backbone(name, weights=str(weights), in_chans=n_bands, bands=band_names, rgb_indices=rgb,
                               **overrides)
-        return model, True
+        return model, True, False
     log.warning("stage=text with model=%s and no init= / model.weights: aligning a RANDOMLY initialised frozen "
                 "backbone (fine for tests; pass init=<pretrain run> for real use)", name)
-    return build_backbone(name, in_chans=n_bands, **overrides), False
+    return build_backbone(name, in_chans=n_bands, **overrides), False, True
 
 
 def _caption_data_cfg(cfg):
@@ -201,7 +200,7 @@ class TextStage(Stage):
                                scale=None if scale is None else float(scale),
                                length=int(data_cfg.samples_per_epoch) if data_cfg.get("samples_per_epoch") else None)
         rgb = rgb_indices(source.band_names) if source.n_bands != 3 else (0, 1, 2)
-        backbone, from_init = _frozen_backbone(cfg, source.n_bands, source.band_names, rgb)
+        backbone, from_init, random_backbone = _frozen_backbone(cfg, source.n_bands, source.band_names, rgb)
         contract = backbone.geodino_contract
         scale_rule = ("photos: uint8 / 255; GeoTIFFs: digital numbers / "
                       + (f"{float(scale):g}" if scale is not None else DEFAULT_SCALE_RULE)
@@ -233,7 +232,8 @@ class TextStage(Stage):
             settings=_text_settings(cfg, stage_cfg),
             checkpoint_extra={"kind": DINOTXT_KIND, "data": data_meta,
                               "dinotxt": {"config": dcfg.to_dict(), "tokenizer": tokenizer_settings(dcfg.context_length),
-                                          "crop_size": size, "state_prefix": "model."}},
+                                          "crop_size": size, "state_prefix": "model.",
+                                          "random_backbone": random_backbone}},
             describe=f"stage=text backbone={contract.name} (frozen, {source.n_bands} bands) "
                      f"trainable={n_train / 1e6:.2f}M pairs={len(pairs)} crop={size}",
         )

@@ -31,18 +31,31 @@ HELDOUT_OFFSET = 10**12  # held-out items: indices far beyond any training index
 def collapse_monitor(cls: torch.Tensor, patches: torch.Tensor) -> dict[str, float]:
     """Collapse monitor: class-token std across the batch (of L2-normalised tokens; a collapsed
     model gives 0, a uniform spread on the sphere ~1/sqrt(D)) and the effective rank
-    (exp of the singular-value entropy) of centred patch features."""
+    (exp of the singular-value entropy) of centred patch features.
+
+    Non-finite tokens (a diverging step) give NaN statistics, never an exception: the trainer's non-finite-loss
+    guard decides what happens to the step."""
     c = F.normalize(cls.float(), dim=-1)
     cls_std = float(c.std(dim=0).mean()) if c.shape[0] > 1 else 0.0
-    p = patches.float().reshape(-1, patches.shape[-1])
+    return {"cls_std": cls_std, "cls_std_x_sqrt_dim": cls_std * math.sqrt(c.shape[-1]),
+            "patch_erank": _effective_rank(patches.float().reshape(-1, patches.shape[-1]))}
+
+
+def _effective_rank(p: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of the centred rows of `p`; NaN when `p` is not finite."""
     if p.shape[0] > 2048:
         p = p[torch.linspace(0, p.shape[0] - 1, 2048, device=p.device).long()]
     p = p - p.mean(dim=0, keepdim=True)
     # singular values of p = sqrt(eigenvalues of pᵀp): a D x D problem, ~2x cheaper than the SVD of p
-    s = torch.linalg.eigvalsh((p.t() @ p).double()).clamp_min(0).sqrt().float()
+    gram = (p.t() @ p).double()
+    if not bool(torch.isfinite(gram).all()):
+        return math.nan
+    try:
+        s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().float()
+    except torch.linalg.LinAlgError:  # finite but too ill-conditioned for LAPACK
+        return math.nan
     prob = s / s.sum().clamp_min(1e-12)
-    erank = float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum()))
-    return {"cls_std": cls_std, "cls_std_x_sqrt_dim": cls_std * math.sqrt(c.shape[-1]), "patch_erank": erank}
+    return float(torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum()))
 
 
 @torch.no_grad()

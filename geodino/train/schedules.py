@@ -19,11 +19,14 @@ def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, star
     total = int(total)
     freeze = min(int(freeze), total)
     warmup = min(int(warmup), total - freeze)
-    parts = [np.zeros(freeze), np.linspace(start_warmup, base, warmup, endpoint=False)]
-    n = total - freeze - warmup
-    if n > 0:
-        it = np.arange(n)
-        parts.append(final + 0.5 * (base - final) * (1 + np.cos(np.pi * it / max(n, 1))))
+    # a non-finite base (optim.lr=inf) gives non-finite values, quietly: the trainer's non-finite-loss guard stops
+    # the run with one clear line
+    with np.errstate(invalid="ignore", over="ignore"):
+        parts = [np.zeros(freeze), np.linspace(start_warmup, base, warmup, endpoint=False)]
+        n = total - freeze - warmup
+        if n > 0:
+            it = np.arange(n)
+            parts.append(final + 0.5 * (base - final) * (1 + np.cos(np.pi * it / max(n, 1))))
     out = np.concatenate(parts) if parts else np.zeros(0)
     assert len(out) == total
     return out.astype(np.float64)

@@ -9,12 +9,17 @@ from .search; the backbone from geodino.models, item lists from geodino.data.lis
 - ``embed``: ``embeddings.npy`` (memmap), ``items.txt`` (a chip or file list) and ``embed.json``;
 - ``balance`` / ``retrieve`` / ``dedup``: a chip or file list of the selection (``data.chip_list=`` /
   ``data.file_list=``), its row indices and a JSON summary.
+
+Every output is named before any work and refused when it exists (unless ``overwrite=true``) or would overwrite an
+input (the data, the embeddings or queries read, the weights); files are written atomically, and a failed command
+removes the output folder it created (geodino.outputs).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +27,14 @@ import faiss
 import numpy as np
 import torch
 
-from geodino.data.curation.embed import EMBEDDINGS_FILE, ITEMS_FILE, embed_source, load_embeddings, write_embed_meta
+from geodino.data.curation.embed import (
+    EMBEDDINGS_FILE,
+    ITEMS_FILE,
+    META_FILE,
+    embed_source,
+    load_embeddings,
+    write_embed_meta,
+)
 from geodino.data.curation.kmeans import hierarchical_kmeans
 from geodino.data.curation.sampling import balanced_sample
 from geodino.data.curation.search import deduplicate, retrieve
@@ -34,13 +46,14 @@ from geodino.errors import DataError, GeodinoError
 from geodino.models import load_backbone
 from geodino.models.extract import Extractor
 from geodino.models.registry import is_arch
+from geodino.outputs import atomic_output, atomic_write_text, check_outputs, output_dir, write_errors
 from geodino.runs import default_run_dir, setup_logging
 from geodino.runtime import resolve_device
 
 log = logging.getLogger("geodino")
 
 
-def _stats_out(cfg, info) -> Path:
+def _stats_out(cfg) -> Path:
     if cfg.get("out"):
         out = Path(str(cfg.out)).expanduser()
         return out if out.suffix == ".json" else out / "band_stats.json"
@@ -60,21 +73,61 @@ def _source_meta(cfg, info) -> dict:
     return meta
 
 
-def run_stats(cfg, progress: bool = True) -> Path:
+def _as_list(v) -> list:
+    if v in (None, ""):
+        return []
+    return [v] if isinstance(v, (str, Path)) else list(v)
+
+
+def _inputs(cfg) -> list:
+    """Every file the command reads that an output could land on."""
+    data = cfg.data
+    ins = [cfg.get("weights"), data.get("stats_file"), data.get("file_list"), data.get("chip_list"),
+           *_as_list(data.get("paths"))]
+    if not is_arch(str(cfg.get("backbone", ""))):
+        ins.append(cfg.get("backbone"))
+    for key in ("embeddings", "queries"):
+        if cfg.get(key):
+            p = Path(str(cfg.get(key))).expanduser()
+            ins += [p / EMBEDDINGS_FILE, p / ITEMS_FILE, p / META_FILE] if p.is_dir() else [p]
+    return [str(p) for p in ins if p not in (None, "")]
+
+
+# the selection each action writes: <name>.txt (chip / file list) or <name>_indices.txt, <name>_indices.npy
+SELECTIONS = {"balance": "balanced", "retrieve": "retrieved", "dedup": "deduplicated"}
+
+
+def _outputs(cfg, action: str, out_dir: Path) -> list[Path]:
+    """The files `action` writes into `out_dir` (the embed output too when there are no embeddings= to reuse)."""
+    files = []
+    if action == "embed" or not cfg.get("embeddings"):
+        files += [out_dir / EMBEDDINGS_FILE, out_dir / ITEMS_FILE, out_dir / META_FILE]
+    if action in SELECTIONS:
+        name = SELECTIONS[action]
+        files += [out_dir / f"{name}.txt", out_dir / f"{name}_indices.txt", out_dir / f"{name}_indices.npy",
+                  out_dir / f"{action}.json"]
+    if action == "balance":
+        files.append(out_dir / "tree.npz")
+    return files
+
+
+def run_stats(cfg, progress: bool = True, overwrite: bool = False) -> Path:
+    out = _stats_out(cfg)
+    check_outputs([out], _inputs(cfg), overwrite=overwrite, what="output")
     info = build_source(cfg.data, seed=int(cfg.seed), progress=progress, stats=False)
     n = int(cfg.get("stats_chips", 256))
     if cfg.data.kind != "raster":  # a folder source cycles through its files; read each once
         n = min(n, len(info.source.files))
     details: dict = {}
     mean, std = band_statistics(info.source, n=n, progress=progress, info=details)
-    out = _stats_out(cfg, info)
     extra = {"input_scale": info.input_scale, **details,
              **{k: v for k, v in _source_meta(cfg, info).items() if k != "bands"}}
     if cfg.data.kind == "raster":
         extra["skipped_nodata_chips"] = int(info.source.skipped_nodata)
     else:
         extra["files"] = [str(f) for f in info.source.files]
-    write_stats_file(out, list(info.band_names), mean, std, **extra)
+    with output_dir(out.parent):
+        write_stats_file(out, list(info.band_names), mean, std, **extra)
     log.info("band statistics of %d %s: mean %s std %s -> %s (use data.stats_file=%s)", details.get("items", n),
              "chips" if cfg.data.kind == "raster" else "images", [round(m, 4) for m in mean],
              [round(s, 4) for s in std], out, out)
@@ -108,7 +161,6 @@ def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
     image_size = cfg.get("image_size")
     if image_size is None and cfg.data.kind != "raster":
         image_size = 224  # photos come in every size
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     emb = embed_source(Extractor(backbone, device), src, batch_size=int(cfg.get("batch_size", 64)),
                        out_path=out_dir / EMBEDDINGS_FILE, progress=progress, indices=np.arange(n), mean=mean, std=std,
@@ -143,10 +195,10 @@ def _write_selection(out_dir: Path, name: str, selected: np.ndarray, meta: dict,
                                header=f"geodino file list: {name} from data={meta.get('data')}")
         hint = f"data.file_list={path}"
     else:
-        path = out_dir / f"{name}_indices.txt"
-        path.write_text("\n".join(str(int(i)) for i in selected) + "\n")
+        path = atomic_write_text(out_dir / f"{name}_indices.txt", "\n".join(str(int(i)) for i in selected) + "\n")
         hint = "(row indices into the embeddings)"
-    np.save(out_dir / f"{name}_indices.npy", np.asarray(selected, dtype=np.int64))
+    with atomic_output(out_dir / f"{name}_indices.npy") as tmp:
+        np.save(tmp, np.asarray(selected, dtype=np.int64))
     print(f"wrote {path} ({len(selected)} items)\nuse it with: {hint}")
     return path
 
@@ -158,10 +210,8 @@ def _pool(cfg, out_dir: Path, progress: bool):
     return load_embeddings(out_dir)
 
 
-def run_balance(cfg, progress: bool = True) -> Path:
-    out_dir = _out_dir(cfg, "balance")
+def run_balance(cfg, out_dir: Path, progress: bool = True) -> Path:
     x, meta, files, chips = _pool(cfg, out_dir, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
     levels: list[int] = []
     for k in (int(k) for k in cfg.levels):  # a small pool gets fewer clusters, still shrinking per level
         k = min(k, x.shape[0], levels[-1] - 1 if levels else x.shape[0])
@@ -177,26 +227,22 @@ def run_balance(cfg, progress: bool = True) -> Path:
     t1 = time.perf_counter()
     selected = balanced_sample(tree, int(cfg.n_samples), strategy=str(cfg.get("strategy", "r")), seed=int(cfg.seed))
     t2 = time.perf_counter()
-    tree.save(out_dir / "tree.npz")
+    with atomic_output(out_dir / "tree.npz") as tmp:
+        tree.save(tmp)
     top = tree.point_labels(tree.n_levels - 1)
     before = np.bincount(top, minlength=levels[-1])
     after = np.bincount(top[selected], minlength=levels[-1])
     summary = {"n_pool": int(x.shape[0]), "n_selected": int(len(selected)), "levels": levels,
                "kmeans_seconds": round(t1 - t0, 3), "sampling_seconds": round(t2 - t1, 3),
                "top_level_sizes": before.tolist(), "top_level_selected": after.tolist(), "tree": tree.meta}
-    (out_dir / "balance.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "balance.json", json.dumps(summary, indent=2))
     log.info("balanced sampling: %d of %d items from %s clusters in %.1f s", len(selected), x.shape[0], levels, t2 - t0)
-    return _write_selection(out_dir, "balanced", selected, meta, files, chips)
+    return _write_selection(out_dir, SELECTIONS["balance"], selected, meta, files, chips)
 
 
-def run_retrieve(cfg, progress: bool = True) -> Path:
-    if not cfg.get("queries"):
-        raise DataError("action=retrieve needs queries=<embed output folder or .npy of the seed set> "
-                        "(embed the seed set with `geodino curate action=embed data=... out=...`)")
-    out_dir = _out_dir(cfg, "retrieve")
+def run_retrieve(cfg, out_dir: Path, progress: bool = True) -> Path:
     x, meta, files, chips = _pool(cfg, out_dir, progress)
     q, _, _, _ = load_embeddings(cfg.queries)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     union = retrieve(x, q, k=int(cfg.get("k", 10)), index=str(cfg.get("index", "flat")), nlist=cfg.get("nlist"),
                      nprobe=int(cfg.get("nprobe", 16)), progress=progress, seed=int(cfg.seed))
@@ -207,18 +253,16 @@ def run_retrieve(cfg, progress: bool = True) -> Path:
     summary = {"n_pool": int(x.shape[0]), "n_queries": int(q.shape[0]), "k": int(cfg.get("k", 10)),
                "index": str(cfg.get("index", "flat")), "n_retrieved": int(n_retrieved), "n_kept": int(len(union)),
                "dedup_threshold": cfg.get("dedup_threshold"), "seconds": round(time.perf_counter() - t0, 3)}
-    (out_dir / "retrieve.json").write_text(json.dumps(summary, indent=2))
-    return _write_selection(out_dir, "retrieved", union, meta, files, chips)
+    atomic_write_text(out_dir / "retrieve.json", json.dumps(summary, indent=2))
+    return _write_selection(out_dir, SELECTIONS["retrieve"], union, meta, files, chips)
 
 
-def run_dedup(cfg, progress: bool = True) -> Path:
-    out_dir = _out_dir(cfg, "dedup")
+def run_dedup(cfg, out_dir: Path, progress: bool = True) -> Path:
     x, meta, files, chips = _pool(cfg, out_dir, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ref = load_embeddings(cfg.queries)[0] if cfg.get("queries") else None
     keep = deduplicate(x, float(cfg.get("dedup_threshold") or 0.95), reference=ref, progress=progress)
-    (out_dir / "dedup.json").write_text(json.dumps({"n_pool": int(x.shape[0]), "n_kept": int(len(keep))}, indent=2))
-    return _write_selection(out_dir, "deduplicated", keep, meta, files, chips)
+    atomic_write_text(out_dir / "dedup.json", json.dumps({"n_pool": int(x.shape[0]), "n_kept": int(len(keep))}, indent=2))
+    return _write_selection(out_dir, SELECTIONS["dedup"], keep, meta, files, chips)
 
 
 ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")
@@ -236,9 +280,14 @@ def run_chip(cfg, progress: bool = True) -> Path:
     details: dict = {}
     mean, std = band_statistics(src, n=min(n, int(cfg.get("stats_chips", 256))), progress=progress, info=details)
     t0 = time.perf_counter()
-    write_chip_store(src, out, n, shard_size=int(cfg.get("shard_size", 4096)), progress=progress,
-                     meta={"stats": {"mean": mean, "std": std, **details}, "data": str(cfg.data.name),
-                           "chip_list": cfg.data.get("chip_list"), "rows": list(src.rows)})
+    with output_dir(out.parent), write_errors(out):  # a failed cut leaves no folder it created, one line
+        try:
+            write_chip_store(src, out, n, shard_size=int(cfg.get("shard_size", 4096)), progress=progress,
+                             meta={"stats": {"mean": mean, "std": std, **details}, "data": str(cfg.data.name),
+                                   "chip_list": cfg.data.get("chip_list"), "rows": list(src.rows)})
+        except BaseException:
+            shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # where the store is written
+            raise
     print(f"wrote {n} chips to {out} in {time.perf_counter() - t0:.1f} s\nuse it with: data=chips data.paths=[{out}]")
     return out
 
@@ -253,16 +302,19 @@ def run_curate(cfg):
         torch.set_num_threads(int(cfg.threads))
         faiss.omp_set_num_threads(int(cfg.threads))
     progress = bool(cfg.get("progress", True))
+    overwrite = bool(cfg.get("overwrite", False))
     if action == "stats":
-        return run_stats(cfg, progress)
-    if action == "embed":
-        out = run_embed(cfg, _out_dir(cfg, "embed"), progress)
-        print(f"wrote {out / EMBEDDINGS_FILE} and {out / ITEMS_FILE}")
-        return out
-    if action == "balance":
-        return run_balance(cfg, progress)
-    if action == "retrieve":
-        return run_retrieve(cfg, progress)
-    if action == "chip":
+        return run_stats(cfg, progress, overwrite)
+    if action == "chip":  # a chip store refuses an existing out= itself
         return run_chip(cfg, progress)
-    return run_dedup(cfg, progress)
+    if action == "retrieve" and not cfg.get("queries"):
+        raise DataError("action=retrieve needs queries=<embed output folder or .npy of the seed set> "
+                        "(embed the seed set with `geodino curate action=embed data=... out=...`)")
+    out_dir = _out_dir(cfg, action)
+    check_outputs(_outputs(cfg, action, out_dir), _inputs(cfg), overwrite=overwrite, what="output")
+    with output_dir(out_dir):  # a failed command leaves no output folder behind
+        if action == "embed":
+            out = run_embed(cfg, out_dir, progress)
+            print(f"wrote {out / EMBEDDINGS_FILE} and {out / ITEMS_FILE}")
+            return out
+        return {"balance": run_balance, "retrieve": run_retrieve, "dedup": run_dedup}[action](cfg, out_dir, progress)

@@ -91,3 +91,29 @@ def test_cli_retrieve_without_queries_is_one_line(capsys):
     assert cli.main(["curate", "action=retrieve", "progress=false"]) == 2
     err = capsys.readouterr().err
     assert "queries=" in err and "Traceback" not in err
+
+
+def test_curate_never_overwrites_without_overwrite_and_leaves_no_folder_on_failure(tmp_path, capsys):
+    from geodino.testing import cli_error_lines
+
+    stats = ["curate", "action=stats", f"out={tmp_path}", "stats_chips=2", "progress=false"]
+    assert cli.main(stats) == 0
+    written = (tmp_path / "band_stats.json").read_text()
+    capsys.readouterr()
+    assert cli.main(stats) == 2
+    assert cli_error_lines(capsys.readouterr().err) == [
+        f"error: geodino curate: output {tmp_path / 'band_stats.json'} exists; overwrite=true replaces it"]
+    assert (tmp_path / "band_stats.json").read_text() == written
+    assert cli.main([*stats, "overwrite=true"]) == 0
+
+    # an output may not land on an input, whatever overwrite says
+    assert cli.main(["curate", "action=stats", f"out={tmp_path / 'band_stats.json'}", "progress=false",
+                     f"data.stats_file={tmp_path / 'band_stats.json'}", "overwrite=true"]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
+    # a failed embed removes the output folders it created
+    out = tmp_path / "new" / "pool"
+    assert cli.main(["curate", "action=embed", "data=sample_nat", f"out={out}", "backbone=/no/such/run",
+                     "progress=false"]) == 2
+    assert "no such file or run directory" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -130,12 +130,12 @@ def test_segment_verb_writes_georeferenced_labels_scores_and_preview(micro4, tmp
         assert o.descriptions == ("labels", "score")
         prob = o.read(2)[20:, 20:].astype(float) * o.scales[1] + o.offsets[1]
         assert (prob >= 0.25 - 1e-2).all() and (prob <= 1 + 1e-6).all()
-    summary = json.loads(out.with_suffix(".json").read_text())
+    summary = json.loads((out.parent / "labels.summary.json").read_text())
     assert summary["label_values"]["background"] == 5 and summary["pixels"]["nodata"] == 100
     assert sum(summary["pixels"].values()) == 300 * 420
     from PIL import Image
 
-    png = Image.open(out.with_suffix(".png"))
+    png = Image.open(out.parent / "labels.preview.png")
     assert png.width > 420 and png.height >= 300  # map + legend
 
     # one-line errors

@@ -186,6 +186,7 @@ def test_stage_text_trains_checkpoints_and_resumes_exactly(tmp_path, chips, monk
 
     model, meta = load_dinotxt(full_dir)
     assert meta["contract"].bands == ["R", "G", "B", "NIR"] and meta["step"] == 4
+    assert meta["random_backbone"] is True  # model= without init= / model.weights: recorded for the segmenter
     with torch.no_grad():
         t = model.encode_text(model.tokenize(["water"]), normalize=True)
     assert t.shape == (1, 64) and torch.isfinite(t).all()
@@ -217,6 +218,7 @@ def test_init_from_a_geodino_backbone_keeps_its_contract(tmp_path, chips):
     run_train(_cfg(tmp_path / "run", chips, f"init={path}", "train.iterations=1", "train.checkpoint_every=1"))
     model, meta = load_dinotxt(tmp_path / "run")
     assert meta["contract"].mean == [0.3] * 4 and meta["data"]["mean"] == [0.3] * 4
+    assert meta["random_backbone"] is False
     for k, v in bb.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
 

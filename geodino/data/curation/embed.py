@@ -17,7 +17,6 @@ An embed output folder (this module owns its format: `embed_source` writes ``emb
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from geodino.data.lists import read_chip_list, read_file_list, write_chip_list, write_file_list
 from geodino.errors import DataError
+from geodino.outputs import atomic_output, atomic_write_text
 
 EMBEDDINGS_FILE = "embeddings.npy"
 ITEMS_FILE = "items.txt"
@@ -78,8 +78,8 @@ def embed_source(extractor, source, batch_size: int = 64, out_path: str | Path |
                  num_workers: int = 0) -> np.ndarray:
     """L2-normalised CLS embeddings of `source[i]` for i in `indices` (default: all), in order.
 
-    With `out_path` the rows stream to a float32 ``.npy`` memmap (written as ``<out>.partial`` and
-    renamed when complete) and the returned array is that file opened read-only with
+    With `out_path` the rows stream to a float32 ``.npy`` memmap (written under a temporary name and
+    renamed when complete; removed if embedding fails) and the returned array is that file opened read-only with
     ``mmap_mode='r'``; otherwise an in-memory array. Images are normalised with `mean`/`std` and, if
     `image_size` is set (or sizes vary), resized (short side) and centre-cropped to a square.
     `extractor` is a frozen-feature extractor (geodino.models.extract.Extractor: ``token_stride`` and
@@ -95,29 +95,27 @@ def embed_source(extractor, source, batch_size: int = 64, out_path: str | Path |
                                          collate_fn=_stack_same_size)
     mean_t = None if mean is None else torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
     std_t = None if std is None else torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-    out = None
-    tmp = None
-    if out_path is not None:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".partial")
-    pos = 0
-    for x in tqdm(loader, desc="embedding", total=len(loader), disable=not progress):
-        if mean_t is not None:
-            x = (x - mean_t) / std_t
-        cls, _ = extractor(x)
-        e = F.normalize(cls, dim=-1).numpy()
-        if out is None:
-            shape = (n, e.shape[1])
-            out = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                   if tmp is not None else np.empty(shape, dtype=np.float32))
-        out[pos:pos + len(e)] = e
-        pos += len(e)
-    if tmp is None:
+    batches = tqdm(loader, desc="embedding", total=len(loader), disable=not progress)
+
+    def fill(tmp: Path | None) -> np.ndarray:
+        out, pos = None, 0
+        for x in batches:
+            if mean_t is not None:
+                x = (x - mean_t) / std_t
+            cls, _ = extractor(x)
+            e = F.normalize(cls, dim=-1).numpy()
+            if out is None:
+                shape = (n, e.shape[1])
+                out = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                       if tmp is not None else np.empty(shape, dtype=np.float32))
+            out[pos:pos + len(e)] = e
+            pos += len(e)
         return out
-    out.flush()
-    del out
-    os.replace(tmp, out_path)
+
+    if out_path is None:
+        return fill(None)
+    with atomic_output(out_path) as tmp:
+        fill(tmp).flush()
     return np.load(out_path, mmap_mode="r")
 
 
@@ -136,7 +134,7 @@ def write_embed_meta(out_dir: str | Path, doc: dict, *, chips: Sequence[int] | N
         write_chip_list(out_dir / ITEMS_FILE, chips, dict(chip_header or {}))
     else:
         write_file_list(out_dir / ITEMS_FILE, files, header=file_header)
-    (out_dir / META_FILE).write_text(json.dumps(doc, indent=2))
+    atomic_write_text(out_dir / META_FILE, json.dumps(doc, indent=2))
     return out_dir
 
 
