@@ -26,7 +26,6 @@ with — is refused with a message; a trusted one converts once with
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
@@ -40,6 +39,7 @@ from omegaconf import OmegaConf
 
 from geodino.contract import Contract
 from geodino.errors import CheckpointError
+from geodino.outputs import atomic_output
 
 TRAIN_FORMAT = "geodino-train-checkpoint"
 BACKBONE_FORMAT = "geodino-backbone"
@@ -78,19 +78,13 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """Write `obj` (made `plain`) to `path` through a temporary file, fsync and rename."""
+    """Write `obj` (made `plain`) to `path` through a temporary file, fsync and rename (geodino.outputs): a failed
+    write (disk full, killed) leaves the previous file intact and no partial file; a full disk is one line."""
     path = Path(path)
     obj = plain(obj, path.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    previous = path.stat().st_size if path.exists() else None
+    with atomic_output(path, needs_bytes=previous) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial file behind (disk full, killed, ...)
-        raise
     return path
 
 

@@ -204,7 +204,7 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def _close_file_logs(folder: Path) -> None:
+def close_file_logs(folder: Path) -> None:
     """Detach the `geodino` logger's file handlers that write under ``folder`` (before the folder is removed)."""
     log = logging.getLogger("geodino")
     root = _key(folder)
@@ -230,7 +230,7 @@ def output_dir(path: str | Path) -> Iterator[Path]:
         yield path
     except BaseException:
         if created:
-            _close_file_logs(created[-1])
+            close_file_logs(created[-1])
             shutil.rmtree(created[0], ignore_errors=True)
             for parent in created[1:]:  # the parents this call made, while nothing else went into them
                 with contextlib.suppress(OSError):

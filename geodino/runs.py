@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from geodino.errors import GeodinoError
+from geodino.outputs import atomic_write_text, write_errors
 
 log = logging.getLogger("geodino")
 
@@ -59,7 +60,7 @@ def prepare_run_dir(run_dir: str | Path, cfg=None) -> Path:
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg is not None and not (run_dir / "config.yaml").exists():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     setup_logging(run_dir / "run.log")
     return run_dir
 
@@ -160,7 +161,8 @@ def setup_logging(path: Path | None = None, level: int = logging.INFO) -> None:
             if isinstance(h, logging.FileHandler):
                 log.removeHandler(h)
                 h.close()
-        fh = logging.FileHandler(path)
+        with write_errors(path):
+            fh = logging.FileHandler(path)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
     log.propagate = False
@@ -197,7 +199,8 @@ class MetricsWriter:
                 if row.get("step", -1) <= truncate_after_step:
                     keep.append(line)
             self.path.write_text("".join(k + "\n" for k in keep))
-        self._f = open(self.path, "a", buffering=1)
+        with write_errors(self.path):
+            self._f = open(self.path, "a", buffering=1)
 
     def write(self, row: dict) -> None:
         row = {"time": round(time.time(), 3), **json_safe(row)}

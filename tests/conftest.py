@@ -30,3 +30,13 @@ def load_ref(ref_dir):
         return torch.load(path, map_location="cpu", weights_only=False)
 
     return _load
+
+
+@pytest.fixture(autouse=True)
+def _geodino_log_reaches_caplog():
+    """A CLI run's setup_logging stops the geodino logger from propagating (no duplicate lines under a user's root
+    handlers); reset it so that every test's caplog sees geodino's records whatever ran before."""
+    import logging
+
+    yield
+    logging.getLogger("geodino").propagate = True

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from geodino.checkpoint import Checkpoint, latest_checkpoint
 from geodino.errors import GeodinoError
+from geodino.outputs import close_file_logs
 from geodino.runs import RunLock, claim_run_dir, json_safe, prepare_run_dir, setup_logging
 from geodino.runtime import verb_setup
 from geodino.schema import validate
@@ -74,6 +75,7 @@ def train(cfg, dist_info: DistInfo) -> Path:
         return _train(cfg, stage, parts, run_dir, resume_from, dist_info)
     except BaseException:
         if created and latest_checkpoint(run_dir / "checkpoints") is None:
+            close_file_logs(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed new run leaves no empty folder behind
         raise
     finally:
