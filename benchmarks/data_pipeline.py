@@ -1,15 +1,26 @@
-"""Data-pipeline throughput: multi-crop images/s per DataLoader worker from GeoTIFF chips, and the
-curation time for a 100k x 384 embedding pool.
+"""Data-pipeline throughput: images/s per DataLoader worker for torchgeo window reads against the chip store, each
+with the DINOv3 multi-crop, and the curation time for a 100k x 384 embedding pool.
 
     python benchmarks/data_pipeline.py                      # everything, 1 thread per worker
-    python benchmarks/data_pipeline.py --images 20 --pool 20000 --threads 2
+    python benchmarks/data_pipeline.py --images 20 --skip-curation
+    python benchmarks/data_pipeline.py --folder /data/s2_tiles --sizes 256   # also a folder of your GeoTIFFs
 
-Part 1 writes two temporary 1024² GeoTIFFs (tiled 256, deflate, like a COG): RGB uint8 and
-13-band Sentinel-2-like uint16 with band descriptions. A `RasterSource` draws 512² chips by index and
-`MultiCropAugmentation` makes 2 global 224² + 8 local 96² crops (the DINOv3 recipe). Reading and
-augmenting are timed separately and together; "per worker" means one process with
-`torch.set_num_threads(threads)` (DataLoader workers usually run with 1 thread), so N workers give
-about N times the rate on N free cores.
+Part 1 writes two temporary 2048² GeoTIFFs (tiled 256, deflate, like a COG): RGB uint8 and 13-band
+Sentinel-2-like uint16 with band descriptions. For each of RGB and 13 bands and each chip size (256², 512²) it
+times, in one run:
+
+* **torchgeo windows**: `RasterSource` (torchgeo `RasterDataset` random windows by index, what `data=sat` trains
+  from) reading a chip;
+* **chip store**: the same chips cut once with `write_chip_store` (`geodino curate action=chip`) and read from
+  the memory-mapped shards (`data=chips`);
+* each followed by `MultiCropAugmentation` (2 global 224² + 8 local 96² crops, the DINOv3 recipe) as a loader
+  worker runs it, and, when a GPU is present, the store read with the multi-crop on the GPU
+  (`data.augment_on=gpu`: the worker only reads).
+
+"Per worker" is one process with `torch.set_num_threads(threads)` (loader workers run with 1 thread). The rate is
+computed from the process's CPU time per image, which is what a worker on a free core achieves and is robust to
+other load on a shared machine; the wall-clock median is printed beside it. The last column is the number of such
+workers that feed `--target` images/s.
 
 Part 2 times curation on synthetic clustered embeddings (Zipf-sized Gaussian blobs on the unit
 sphere, L2-normalised): resampled hierarchical k-means, balanced sampling, retrieval of 10k queries
@@ -19,6 +30,7 @@ sphere, L2-normalised): resampled hierarchical k-means, balanced sampling, retri
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -31,63 +43,98 @@ import torch
 S2_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
 
 
-def write_geotiffs(root: Path, size: int = 1024, seed: int = 0) -> tuple[Path, Path]:
+def write_geotiffs(root: Path, size: int = 2048, seed: int = 0) -> tuple[Path, Path]:
     import rasterio
     from rasterio.transform import from_origin
 
     rng = np.random.default_rng(seed)
     # smooth-ish texture so deflate behaves like on real imagery
     base = rng.normal(size=(size // 16, size // 16)).repeat(16, 0).repeat(16, 1)
-    profile = dict(driver="GTiff", width=size, height=size, crs="EPSG:32631", transform=from_origin(600000, 5_010_240, 10, 10),
-                   tiled=True, blockxsize=256, blockysize=256, compress="deflate", nodata=0)
-    rgb = np.clip(128 + 40 * base[None] + rng.normal(0, 12, size=(3, size, size)), 1, 255).astype(np.uint8)
+    profile = dict(driver="GTiff", width=size, height=size, crs="EPSG:32631",
+                   transform=from_origin(600000, 5_010_240, 10, 10), tiled=True, blockxsize=256, blockysize=256,
+                   compress="deflate", nodata=0)
     (root / "rgb").mkdir(exist_ok=True)
     (root / "s2").mkdir(exist_ok=True)
+    rgb = np.clip(128 + 40 * base[None] + rng.normal(0, 12, size=(3, size, size)), 1, 255).astype(np.uint8)
     with rasterio.open(root / "rgb" / "rgb.tif", "w", **profile, count=3, dtype="uint8") as dst:
         dst.write(rgb)
         for i, d in enumerate(["R", "G", "B"]):
             dst.set_band_description(i + 1, d)
-    ms = np.clip(1500 + 600 * base[None] + rng.normal(0, 150, size=(13, size, size)), 1, 10000).astype(np.uint16)
+    del rgb
     with rasterio.open(root / "s2" / "s2.tif", "w", **profile, count=13, dtype="uint16") as dst:
-        dst.write(ms)
-        for i, d in enumerate(S2_BANDS):
-            dst.set_band_description(i + 1, d)
+        for b in range(13):  # band by band: the whole cube would be 100 MB of float64 noise
+            band = np.clip(1500 + 600 * base + rng.normal(0, 150, size=(size, size)), 1, 10000).astype(np.uint16)
+            dst.write(band, b + 1)
+            dst.set_band_description(b + 1, S2_BANDS[b])
     return root / "rgb", root / "s2"
 
 
-def time_multicrop(folder: Path, scale: float, n_bands: int, n_images: int, as_uint8: bool = False) -> dict:
+def _augment(n_bands: int, device: str = "cpu"):
     from geodino.data.multicrop import MultiCropAugmentation
+
+    if n_bands == 3:
+        return MultiCropAugmentation(global_crops_size=224, local_crops_size=96, local_crops_number=8)
+    return MultiCropAugmentation(global_crops_size=224, local_crops_size=96, local_crops_number=8,
+                                 mean=[0.15] * n_bands, std=[0.05] * n_bands, n_bands=n_bands, rgb_indices=(3, 2, 1))
+
+
+def _time(fn, n: int, first: int = 0) -> dict:
+    """CPU ms / image (the process, all threads) and the wall-clock median of `fn(i)` over n images."""
+    fn(first + 10**5)  # open files, warm caches and the allocator
+    walls = []
+    c0 = time.process_time()
+    for i in range(first, first + n):
+        t0 = time.perf_counter()
+        fn(i)
+        walls.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - c0) / n
+    return {"cpu_ms": 1000 * cpu, "wall_ms": 1000 * statistics.median(walls)}
+
+
+def time_sources(folder: Path, n_bands: int, size: int, n_images: int, workdir: Path) -> list[tuple[str, dict]]:
+    """Rows for one input: torchgeo windows and the chip store, read only and read + multi-crop."""
+    from geodino.data.sources.chips import ChipStore, write_chip_store
     from geodino.data.sources.raster import RasterSource
 
-    src = RasterSource([folder], chip_size=512, scale=scale, length=10**6, seed=0)
-    mean = None if n_bands == 3 else [0.15] * n_bands
-    std = None if n_bands == 3 else [0.05] * n_bands
-    aug = MultiCropAugmentation(global_crops_size=224, local_crops_size=96, local_crops_number=8, mean=mean, std=std,
-                                n_bands=n_bands, rgb_indices=None if n_bands == 3 else (3, 2, 1))
+    raster = RasterSource([folder], chip_size=size, length=10**6, seed=0)
+    store_dir = workdir / f"store_{folder.name}_{size}"
+    if not store_dir.exists():
+        write_chip_store(raster, store_dir, n_images + 1)
+    store = ChipStore(store_dir)
+    aug = _augment(n_bands)
+    gen = lambda i: torch.Generator().manual_seed(i)  # noqa: E731
+    rows = [
+        ("torchgeo windows: read", _time(lambda i: raster[i], n_images)),
+        ("torchgeo windows: read + multi-crop", _time(lambda i: aug(raster[i], generator=gen(i)), n_images)),
+        ("chip store: read", _time(lambda i: store[i], n_images)),
+        ("chip store: read + multi-crop", _time(lambda i: aug(store[i], generator=gen(i)), n_images)),
+    ]
+    if torch.cuda.is_available():
+        gpu_aug = _augment(n_bands)
 
-    def read(i):
-        if as_uint8:
-            return src.chip(i).to(torch.uint8)
-        return src[i]
+        def on_gpu(i):
+            out = gpu_aug(store[i].cuda(non_blocking=True), generator=gen(i))
+            torch.cuda.synchronize()
+            return out
 
-    read(10**5)  # open the files once (torchgeo caches the handles)
-    t_read, t_aug, t_all = [], [], []
-    c0 = time.process_time()
-    for i in range(n_images):
-        g = torch.Generator().manual_seed(i)
-        t0 = time.perf_counter()
-        x = read(i)
-        t1 = time.perf_counter()
-        out = aug(x, generator=g)
-        t2 = time.perf_counter()
-        t_read.append(t1 - t0)
-        t_aug.append(t2 - t1)
-        t_all.append(t2 - t0)
-    cpu = time.process_time() - c0
-    assert len(out["local_crops"]) == 8 and out["global_crops"][0].shape[-1] == 224
-    med = statistics.median
-    return {"read_ms": 1000 * med(t_read), "aug_ms": 1000 * med(t_aug), "total_ms": 1000 * med(t_all),
-            "img_s": n_images / sum(t_all), "cpu_ms": 1000 * cpu / n_images}
+        rows.append(("chip store: read, multi-crop on the GPU (GPU time)", _time(on_gpu, n_images)))
+    return rows
+
+
+def print_feed_table(results: list[tuple[str, list[tuple[str, dict]]]], threads: int, target: float) -> None:
+    print(f"\nread + multi-crop (2x224 + 8x96) per loader worker, torch threads {threads}; "
+          f"workers for {target:g} img/s from the CPU rate")
+    print("| input | path | CPU ms / image | wall ms (median) | img/s per worker | workers for "
+          f"{target:g} img/s | vs torchgeo |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in results:
+        base = {k.split(":")[1]: r["cpu_ms"] for k, r in rows if k.startswith("torchgeo")}
+        for path, r in rows:
+            rate = 1000 / r["cpu_ms"]
+            kind = path.split(":")[1]
+            ratio = base.get(kind, base.get(" read + multi-crop")) / r["cpu_ms"] if path.startswith("chip") else 1.0
+            print(f"| {name} | {path} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | {rate:.1f} | "
+                  f"{math.ceil(target / rate)} | {ratio:.1f}x |")
 
 
 def clustered_pool(n: int, d: int, n_blobs: int = 2000, seed: int = 0) -> np.ndarray:
@@ -157,6 +204,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=30, help="images timed per row")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="chip sides")
+    ap.add_argument("--target", type=float, default=500.0, help="images/s to feed (workers column)")
+    ap.add_argument("--folder", default=None, help="also a folder of your own GeoTIFFs")
     ap.add_argument("--pool", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--levels", type=int, nargs="+", default=[1000, 100])
@@ -174,17 +224,17 @@ def main(argv=None):
         tmp = Path(tmp)
         if not args.skip_multicrop:
             rgb, s2 = write_geotiffs(tmp)
-            rows = [
-                ("RGB 512² uint8 GeoTIFF, uint8 path", time_multicrop(rgb, 255.0, 3, args.images, as_uint8=True)),
-                ("RGB 512² uint8 GeoTIFF, float path", time_multicrop(rgb, 255.0, 3, args.images)),
-                ("13-band 512² uint16 GeoTIFF", time_multicrop(s2, 10000.0, 13, args.images)),
-            ]
-            print(f"\nmulti-crop (2x224 + 8x96) per worker, torch threads {args.threads}, median of {args.images} images")
-            print("| input | read ms | multi-crop ms | total ms | CPU ms/image | images/s per worker | images/s from CPU time |")
-            print("|---|---|---|---|---|---|---|")
-            for name, r in rows:
-                print(f"| {name} | {r['read_ms']:.1f} | {r['aug_ms']:.1f} | {r['total_ms']:.1f} | {r['cpu_ms']:.1f} | "
-                      f"{r['img_s']:.1f} | {1000 / r['cpu_ms']:.1f} |")
+            inputs = [("RGB uint8", rgb, 3), ("13-band uint16", s2, 13)]
+            if args.folder:
+                from geodino.data.sources.raster import RasterSource
+
+                n = RasterSource([args.folder], chip_size=min(args.sizes), length=1).n_bands
+                inputs.append((f"{args.folder} ({n} bands)", Path(args.folder), n))
+            results = []
+            for name, folder, n_bands in inputs:
+                for size in args.sizes:
+                    results.append((f"{name} {size}²", time_sources(folder, n_bands, size, args.images, tmp)))
+            print_feed_table(results, args.threads, args.target)
         if not args.skip_curation:
             import faiss
 

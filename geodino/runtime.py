@@ -5,9 +5,13 @@
   errors.
 - `verb_setup(cfg)`: logging, ``threads``, the device and the CPU allocator setting (``cpu_malloc_cache``);
   returns the device.
+- `loader_workers(setting, device)`: the DataLoader worker count for ``train.num_workers`` (``auto`` from the
+  machine).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -52,3 +56,24 @@ def verb_setup(cfg, device: torch.device | None = None) -> torch.device:
         device = resolve_device(cfg.get("device", "auto"))
     apply_run_settings(cfg, device)
     return device
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under a scheduler), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loader_workers(setting, device: torch.device | str, processes_per_node: int = 1) -> int:
+    """DataLoader workers for ``train.num_workers``: a number is kept; ``auto`` gives each process of the node an
+    equal share of the cores. On a GPU every core but the one the training loop drives reads and augments (at most
+    8: beyond that cut a chip store or use data.augment_on=gpu); on a CPU the training itself needs the cores, so a
+    quarter of them (none on machines of 1-3 cores, where a worker only competes with the model)."""
+    if str(setting) != "auto":
+        return int(setting)
+    share = max(1, usable_cpus() // max(1, int(processes_per_node)))
+    if torch.device(device).type == "cuda":
+        return max(0, min(8, share - 1))
+    return min(4, share // 4)

@@ -230,6 +230,9 @@ class AnyOf(Check):
         problems = [c.problem(v) for c in self.checks]
         if None in problems:
             return None
+        for c, p in zip(self.checks, problems):  # a number is described by the number check, and so on
+            if _is_number(v) and isinstance(c, (Int, Float)):
+                return p
         for c, p in zip(self.checks, problems):
             if isinstance(c, List) == isinstance(v, list) and isinstance(c, Mapping) == isinstance(v, dict):
                 return p
@@ -359,7 +362,9 @@ TRAIN: dict[str, Entry] = {
     "train.iterations": Int(ge=1),
     "train.batch_size": _batch_size,
     "train.grad_accum": Int(ge=1),
-    "train.num_workers": Int(ge=0),
+    "train.num_workers": AnyOf(OneOf("auto"), Int(ge=0)),
+    "train.prefetch_factor": Int(ge=1),
+    "train.data_wait_warn": Float(ge=0, le=1, note="0: never warn"),
     "train.log_every": Int(ge=1),
     "train.checkpoint_every": Int(ge=0, note="0: no checkpoints"),
     "train.keep_last": Int(ge=0, note="0: keep every checkpoint"),
@@ -481,6 +486,7 @@ DATA: dict[str, Entry] = {
     "weights": Opt(AnyOf(Mapping(Float(ge=0)), List(Float(ge=0), min_len=1))),
     "homogeneous_fraction": Float(ge=0, le=1),
     "homogeneous_source": Opt(Str()),
+    "augment_on": OneOf("cpu", "gpu"),  # multi-crop in the loader workers (cpu) or on the training device (gpu)
     "rows": Opt(Span()),  # raster sources: the band of rows (fractions of each raster's height, north = 0) chips come from
 }
 

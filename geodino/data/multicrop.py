@@ -166,19 +166,16 @@ def _ms_brightness_contrast(
 
     def factors(strength: float) -> torch.Tensor:
         u = torch.rand(n, generator=gen, dtype=torch.float32)
-        return (1.0 - strength + 2.0 * strength * u).to(img.dtype).view(n, 1, 1)
+        return (1.0 - strength + 2.0 * strength * u).to(img.device, img.dtype).view(n, 1, 1)
 
     b = factors(brightness)
     c = factors(contrast)
-    # Random order of the two ops, as ColorJitter permutes its ops.
-    if _rand(gen) < 0.5:
-        img = img * b
-        mean = img.mean(dim=(-2, -1), keepdim=True)
-        img = (img - mean) * c + mean
-    else:
-        mean = img.mean(dim=(-2, -1), keepdim=True)
-        img = ((img - mean) * c + mean) * b
-    return img
+    # ColorJitter permutes its ops; here both orders are the same map, b·(c·(x - m) + m) with m the band's spatial
+    # mean (brightness scales the mean with the pixels), so one pass applies it. The order draw is kept so the random
+    # stream (and every later draw) stays what it was.
+    _rand(gen)
+    mean = img.mean(dim=(-2, -1), keepdim=True)
+    return torch.addcmul(mean * (b * (1.0 - c)), img, b * c)
 
 
 def _weighted_gray(img: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -187,8 +184,33 @@ def _weighted_gray(img: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     torchgeo.transforms.RandomGrayscale computes the same thing but is a kornia batch augmentation driven by the global
     RNG, which does not fit a per-sample transform with its own generator.
     """
-    gray = torch.tensordot(weights.to(img.dtype), img, dims=([0], [0]))
+    gray = torch.tensordot(weights.to(img.device, img.dtype), img, dims=([0], [0]))
     return gray.unsqueeze(0).expand_as(img).contiguous()
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Isotropic 9-tap Gaussian blur with reflect padding: torchvision's ``gaussian_blur`` to ~4e-7.
+
+    Written here rather than calling ``F.gaussian_blur`` for speed only: torchvision runs its grouped convolution on
+    the contiguous (N, C, H, W) layout, which oneDNN executes 3-4x slower on the CPU for 3-13 bands than the same
+    depthwise convolution on a channels-last input (224 px: 6.6 -> 1.6 ms RGB, 9.1 -> 2.2 ms 13-band). The kernel is
+    the sampled Gaussian at -4..4, normalised to sum 1, as in torchvision. uint8 input keeps torchvision's path
+    (it rounds back to uint8).
+    """
+    if img.dtype == torch.uint8 or img.ndim < 3:
+        return F.gaussian_blur(img, _BLUR_KERNEL, [sigma, sigma])
+    half = _BLUR_KERNEL[0] // 2
+    taps = torch.linspace(-half, half, _BLUR_KERNEL[0], dtype=img.dtype, device=img.device)
+    k1 = torch.exp(-0.5 * (taps / sigma) ** 2)
+    k1 = k1 / k1.sum()
+    k2 = torch.outer(k1, k1)
+    shape = img.shape
+    bands = shape[-3]
+    x = img.reshape(-1, bands, shape[-2], shape[-1])
+    x = torch.nn.functional.pad(x, [half, half, half, half], mode="reflect")
+    weight = k2.expand(bands, 1, *k2.shape)
+    out = torch.nn.functional.conv2d(x.contiguous(memory_format=torch.channels_last), weight, groups=bands)
+    return out.contiguous().reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -308,6 +330,9 @@ class MultiCropAugmentation:
         self.std = tuple(float(s) for s in std)
         self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        # (x - mean) / std as one pass: x * (1 / std) + (-mean / std)
+        self._inv_std_t = 1.0 / self._std_t
+        self._shift_t = -self._mean_t / self._std_t
 
         if rgb_indices is not None:
             rgb_indices = tuple(int(i) for i in rgb_indices)
@@ -467,7 +492,7 @@ class MultiCropAugmentation:
         if img.dtype == torch.uint8:
             img = img.to(torch.float32).div_(255.0)
         # Out of place: ``img`` may alias the caller's input when a crop needs no resampling.
-        return (img - self._mean_t) / self._std_t
+        return torch.addcmul(self._shift_t.to(img.device), img, self._inv_std_t.to(img.device))
 
     def _distort(self, img: torch.Tensor, which: str, gen, rec: dict) -> torch.Tensor:
         """Colour (unless shared), blur, solarize (global-2 only) and normalise one crop."""
@@ -477,7 +502,7 @@ class MultiCropAugmentation:
         sigma = None
         if _coin(p_blur, gen):
             sigma = _uniform(_BLUR_SIGMA[0], _BLUR_SIGMA[1], gen)
-            img = F.gaussian_blur(img, _BLUR_KERNEL, [sigma, sigma])
+            img = _gaussian_blur(img, sigma)
         rec["blur_sigma"] = sigma
         solarize = False
         if which == "global2" and _coin(self.solarize_prob, gen):

@@ -41,7 +41,9 @@ from geodino.data.masking import MaskingGenerator
 from geodino.errors import GeodinoError
 from geodino.models.backbone import Backbone
 from geodino.runs import MetricsWriter
+from geodino.runtime import usable_cpus
 from geodino.train.distributed import Parallel, rank_masks
+from geodino.train.monitors import DataWaitMonitor
 from geodino.train.schedules import cosine_schedule, lr_scaled, teacher_temp_schedule
 
 log = logging.getLogger("geodino")
@@ -94,7 +96,8 @@ class IndexedBatches:
     """
 
     def __init__(self, dataset, batch_size: int, collate: Callable[[list, random.Random], dict], seed: int,
-                 num_workers: int = 0, world_size: int = 1, rank: int = 0):
+                 num_workers: int = 0, world_size: int = 1, rank: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int = 2):
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.collate = collate
@@ -102,6 +105,8 @@ class IndexedBatches:
         self.num_workers = int(num_workers)
         self.world_size = int(world_size)
         self.rank = int(rank)
+        self.pin_memory = bool(pin_memory)  # page-locked batches: faster, asynchronous copies to a GPU
+        self.prefetch_factor = int(prefetch_factor)  # batches each worker prepares ahead
 
     def _indices(self, b: int) -> list[int]:
         start = (b * self.world_size + self.rank) * self.batch_size
@@ -114,7 +119,9 @@ class IndexedBatches:
             batch_sampler=batch_sampler,
             collate_fn=list,
             num_workers=self.num_workers,
-            persistent_workers=False,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=self.num_workers > 0,
             # A private generator: creating the loader must not consume the global RNG, or a
             # resumed run would diverge from an uninterrupted one.
             generator=torch.Generator().manual_seed(self.seed),
@@ -136,6 +143,11 @@ class _BatchIndexSampler(torch.utils.data.Sampler):
             b += 1
 
 
+def sample_generator(seed: int, i: int) -> torch.Generator:
+    """The generator that draws sample `i`'s augmentation (wherever it runs: a loader worker or the device)."""
+    return torch.Generator().manual_seed((int(seed) * 2_654_435_761 + int(i)) % (2**63 - 1))
+
+
 class AugmentedDataset(torch.utils.data.Dataset):
     """source[i] -> augment(image, generator seeded by (seed, i))."""
 
@@ -146,8 +158,50 @@ class AugmentedDataset(torch.utils.data.Dataset):
         return 2**62
 
     def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed((self.seed * 2_654_435_761 + int(i)) % (2**63 - 1))
-        return self.augment(self.source[i], generator=g)
+        return self.augment(self.source[i], generator=sample_generator(self.seed, i))
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """source[i] -> (i, image): the loader workers only read; `DeviceAugment` augments on the training device."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return 2**62
+
+    def __getitem__(self, i: int):
+        return int(i), self.source[i]
+
+
+class DeviceAugment:
+    """``data.augment_on=gpu``: each image goes to the training device and is multi-cropped there with the same
+    transform and the same per-sample generator as in a loader worker, so both paths draw the same crops (on the CPU
+    bit for bit; on a GPU up to the kernels' rounding). For when the CPU workers cannot keep up."""
+
+    def __init__(self, augment, seed: int, device: torch.device):
+        self.augment, self.seed, self.device = augment, int(seed), torch.device(device)
+
+    def __call__(self, samples: list) -> list:
+        return [self.augment(img.to(self.device, non_blocking=True), generator=sample_generator(self.seed, i))
+                for i, img in samples]
+
+
+AUGMENT_ON = ("cpu", "gpu")
+
+
+def augmented_data(source, augment, seed: int, collate: Callable, on: str = "cpu",
+                   device: torch.device | str = "cpu") -> tuple[torch.utils.data.Dataset, Callable]:
+    """The training dataset and batch collate for `augment` applied to `source`: in the loader workers
+    (``on="cpu"``, the default) or on the training device after the workers read the images (``on="gpu"``)."""
+    if on not in AUGMENT_ON:
+        raise GeodinoError(f"data.augment_on={on!r}: choose one of {', '.join(AUGMENT_ON)}")
+    if on == "cpu":
+        return AugmentedDataset(source, augment, seed), collate
+    if torch.device(device).type == "cpu":
+        log.warning("data.augment_on=gpu on a CPU run: the multi-crop runs in the main process, after the loader")
+    on_device = DeviceAugment(augment, seed, device)
+    return IndexedImages(source), lambda samples, rng: collate(on_device(samples), rng)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +247,7 @@ class TrainSettings:
     precision: str = "auto"
     progress: bool = True
     world_size: int = 1
+    data_wait_warn: float = 0.5  # warn when the loop waits on data for more than this share of a step (0: never)
 
     @classmethod
     def from_cfg(cls, cfg) -> "TrainSettings":
@@ -208,7 +263,7 @@ class TrainSettings:
             momentum=float(e.momentum), final_momentum=float(e.final_momentum), teacher_temp=float(e.teacher_temp),
             warmup_teacher_temp=float(e.warmup_teacher_temp),
             warmup_teacher_temp_iterations=int(e.warmup_teacher_temp_iterations), precision=str(t.precision),
-            progress=bool(cfg.get("progress", True)),
+            progress=bool(cfg.get("progress", True)), data_wait_warn=float(t.get("data_wait_warn", 0.5)),
         )
 
 
@@ -400,6 +455,7 @@ class Trainer:
         s = self.s
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after_step=self.start_step - 1) if self.is_main else None
         self.meta.train()
+        self.data_wait = DataWaitMonitor(s.data_wait_warn, self.batches.num_workers, self.device, usable_cpus())
         data = self.batches.iterate(self.start_step * s.grad_accum)
         bar = tqdm(total=s.iterations, initial=self.start_step, desc="train", disable=not (s.progress and self.is_main),
                    dynamic_ncols=True)
@@ -412,6 +468,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", cls_std=f"{row.get('cls_std', 0):.3f}")
                 self._log(step, row)
+                if self.is_main:
+                    self.data_wait(step, row)
                 if on_step is not None:
                     on_step(step, row)
                 done = step + 1

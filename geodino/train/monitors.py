@@ -277,3 +277,46 @@ class LearningMonitor:
         else:
             out.update(learned=False, verdict="not learning: the DINO loss stays at ln K")
         return out
+
+
+class DataWaitMonitor:
+    """Warns once when the training loop waits on its data loader for more than `fraction` of the step time (over
+    `window` steps, after `skip` warm-up steps), naming the remedies. The wait (``time_data`` in metrics.jsonl) is
+    idle accelerator time only when something else produces the data: on a GPU, or with loader workers; a CPU run
+    without workers augments in the loop itself, so it is not watched (`active` False)."""
+
+    def __init__(self, fraction: float, num_workers: int, device: torch.device | str, cpus: int,
+                 window: int = 20, skip: int = 3, logger: logging.Logger | None = None):
+        self.fraction, self.num_workers, self.cpus = float(fraction), int(num_workers), int(cpus)
+        self.window, self.skip = int(window), int(skip)
+        self.active = self.fraction > 0 and (torch.device(device).type != "cpu" or self.num_workers > 0)
+        self.log = logger or logging.getLogger("geodino")
+        self.waits: list[tuple[float, float]] = []
+        self.fired = False
+        self.seen = 0
+
+    def __call__(self, step: int, row: dict) -> None:
+        if not self.active or "time_data" not in row:
+            return
+        self.seen += 1
+        if self.seen <= self.skip:  # worker start-up and the first batches' prefetch
+            return
+        self.waits = (self.waits + [(float(row["time_data"]), float(row["time_step"]))])[-self.window:]
+        if self.fired or len(self.waits) < self.window:
+            return
+        wait, total = (sum(w[i] for w in self.waits) for i in (0, 1))
+        share = wait / max(total, 1e-9)
+        if share > self.fraction:
+            self.fired = True
+            self.log.warning(
+                "step %d: the trainer waited on data for %.0f%% of each step over the last %d steps (%.3f s of %.3f s): "
+                "raise train.num_workers (now %d; %d cores here), train from a chip store (geodino curate action=chip, "
+                "then data=chips data.paths=[<store>]), or multi-crop on the GPU (data.augment_on=gpu); "
+                "train.data_wait_warn=0 silences this", step, 100 * share, self.window, wait / self.window,
+                total / self.window, self.num_workers, self.cpus)
+
+    def summary(self) -> dict:
+        if not self.waits:
+            return {}
+        wait, total = (sum(w[i] for w in self.waits) for i in (0, 1))
+        return {"data_wait_share": wait / max(total, 1e-9), "warned": self.fired}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from geodino.checkpoint import Checkpoint, latest_checkpoint
 from geodino.errors import GeodinoError
 from geodino.outputs import close_file_logs
 from geodino.runs import RunLock, claim_run_dir, json_safe, prepare_run_dir, setup_logging
-from geodino.runtime import verb_setup
+from geodino.runtime import loader_workers, verb_setup
 from geodino.schema import validate
 from geodino.train.distributed import (
     DistInfo,
@@ -96,6 +97,8 @@ def _train(cfg, stage: Stage, parts: StageParts, run_dir: Path, resume_from: Pat
     result = stage.finish(parts, trainer, run_dir) or {}
     if parts.learning is not None and hasattr(parts.learning, "summary"):
         result.setdefault("summary", {})["learning"] = parts.learning.summary()
+    if trainer.data_wait.active:
+        result.setdefault("summary", {})["data_wait"] = trainer.data_wait.summary()
     if dist_info.is_main:
         _summarise(cfg, stage, history, result, run_dir)
     return run_dir
@@ -121,7 +124,8 @@ def _locate_run(cfg, stage_name: str, dist_info: DistInfo) -> tuple[Path, bool]:
 # What a run is: resuming with any of these changed would continue another run's weights on other terms.
 IDENTITY_KEYS = ("data", "model", "stage.name", "stage.meta_arch", "seed", "init", "teacher", "students")
 # Where and how a run is shown, not what it computes: changes are neither refused nor recorded.
-RUNTIME_KEYS = ("run_dir", "resume", "progress", "threads", "device", "cpu_malloc_cache", "train.num_workers")
+RUNTIME_KEYS = ("run_dir", "resume", "progress", "threads", "device", "cpu_malloc_cache", "train.num_workers",
+                "train.prefetch_factor", "train.data_wait_warn", "data.augment_on")
 
 
 def _get(tree, dotted: str):
@@ -148,7 +152,8 @@ def check_resume(cfg, ckpt: Checkpoint) -> None:
     diffs = []
     for key in IDENTITY_KEYS:
         a, b = _flatten(_get(ckpt.config, key), key), _flatten(_get(now, key), key)
-        diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diffs += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                  if a.get(k) != b.get(k) and not k.startswith(RUNTIME_KEYS)]
     if diffs:
         raise GeodinoError(
             f"the run in {Path(ckpt.path).parent.parent} was started with other settings ({'; '.join(diffs[:6])}"
@@ -176,9 +181,12 @@ def record_resume(run_dir: Path, ckpt: Checkpoint, config) -> dict:
 def _trainer(cfg, stage: Stage, parts: StageParts, run_dir: Path, dist_info: DistInfo) -> Trainer:
     settings = parts.settings
     settings.world_size = dist_info.world_size
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = loader_workers(cfg.train.get("num_workers", "auto"), dist_info.device, per_node)
     batches = IndexedBatches(parts.dataset, settings.batch_size, parts.collate, seed=int(cfg.seed),
-                             num_workers=int(cfg.train.num_workers), world_size=dist_info.world_size,
-                             rank=dist_info.rank)
+                             num_workers=workers, world_size=dist_info.world_size, rank=dist_info.rank,
+                             pin_memory=dist_info.device.type == "cuda",
+                             prefetch_factor=int(cfg.train.get("prefetch_factor", 2)))
     extra = {"contract": parts.contract.to_dict(), "stage": stage.name,
              "config": OmegaConf.to_container(parts.config, resolve=True), **parts.checkpoint_extra}
     return Trainer(parts.meta_arch, batches, settings, run_dir, dist_info.device, checkpoint_extra=extra,

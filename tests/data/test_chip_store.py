@@ -90,3 +90,28 @@ def test_training_from_a_store_resumes_exactly(store, tmp_path, monkeypatch):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         rows[name] = {r["step"]: r["loss"] for r in map(json.loads, lines)}
     assert rows["full"] == pytest.approx(rows["resumed"], rel=1e-6) and sorted(rows["full"]) == [0, 1, 2, 3]
+
+
+def test_chips_with_nodata_fill_it_and_whole_chips_read_fast_and_the_same(tmp_path):
+    from fakes.rasters import write_tif
+
+    from geodino.data.sources.chips import write_chip_store
+    from geodino.data.sources.raster import RasterSource
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(200, 4000, size=(4, 96, 96)).astype(np.uint16)
+    data[:, :30, :40] = 0  # a nodata corner
+    write_tif(tmp_path / "r" / "a.tif", data, 32631, 500_000, 5_000_000, 10, nodata=0)
+    source = RasterSource([tmp_path / "r"], chip_size=32, length=40, seed=3, nodata_max_fraction=0.9)
+    source.fill_nodata([0.1, 0.2, 0.3, 0.4])
+    write_chip_store(source, tmp_path / "store", 40)
+    store = ChipStore(tmp_path / "store")
+    store.fill_nodata([0.1, 0.2, 0.3, 0.4])
+    fractions = store.index["valid_fraction"]
+    assert (fractions < 1).any() and (fractions == 1).any()  # both paths are exercised
+    for i in range(40):
+        x, valid = store.item_with_mask(i)
+        rx, rvalid = source.item_with_mask(i)
+        assert torch.equal(x, rx) and torch.equal(valid, rvalid), i
+        if fractions[i] < 1:
+            assert torch.equal(x[:, ~valid], torch.tensor([0.1, 0.2, 0.3, 0.4])[:, None].expand(4, int((~valid).sum())))

@@ -45,7 +45,7 @@ from geodino.models.registry import arch_names, is_arch
 from geodino.models.weights import load_weights_into
 from geodino.train.distill import DistillMetaArch
 from geodino.train.distributed import DDPParallel, ForwardFeatures, Parallel
-from geodino.train.loop import AugmentedDataset, TrainSettings, collate_for
+from geodino.train.loop import TrainSettings, augmented_data, collate_for
 from geodino.train.monitors import heldout_images, teacher_agreement
 from geodino.train.stage import Stage, StageParts
 from geodino.train.stages.ssl import backbone_from_checkpoint
@@ -253,8 +253,12 @@ class DistillStage(Stage):
         tstride = teacher.backbone.token_stride  # input pixels per teacher token
         students = {name: build_student(spec["name"], spec["kwargs"], tcontract, mapping[name])
                     for name, spec in specs.items()}
-        dataset = AugmentedDataset(info.source, self._augment(info, stage_cfg.crops, tstride, students),
-                                   seed=int(cfg.seed))
+        # masks / iBOT positions on the teacher's grid
+        n_tokens = (int(stage_cfg.crops.global_crops_size) // tstride) ** 2
+        dataset, collate = augmented_data(
+            info.source, self._augment(info, stage_cfg.crops, tstride, students), int(cfg.seed),
+            collate_for(stage_cfg, n_tokens, self.dist.world_size, self.dist.rank, patch_size=tstride),
+            str(cfg.data.get("augment_on", "cpu")), self.dist.device)
         export = str(stage_cfg.get("export", "ema"))
         meta = DistillMetaArch(teacher, students, stage_cfg, band_indices=mapping, export=export,
                                student_extra={"stage": "distill", "teacher": str(teacher_path),
@@ -271,12 +275,11 @@ class DistillStage(Stage):
             c = bb.geodino_contract
             log.info("student %s: %s (%.2fM params, bands %s)", name, c.name,
                      sum(p.numel() for p in bb.parameters()) / 1e6, ",".join(c.bands))
-        n_tokens = (int(stage_cfg.crops.global_crops_size) // tstride) ** 2  # masks / iBOT positions on the teacher's grid
         return StageParts(
             meta_arch=meta, dataset=dataset, config=config,
             contract=tcontract,  # load_backbone(<distill run>) gives the teacher; students are in students/
             settings=settings,
-            collate=collate_for(stage_cfg, n_tokens, self.dist.world_size, self.dist.rank, patch_size=tstride),
+            collate=collate,
             checkpoint_extra={"teacher": str(teacher_path),
                               "students": {n: bb.geodino_contract.to_dict() for n, bb in students.items()},
                               "data": {"bands": info.band_names, "mean": info.mean, "std": info.std, **info.extra}},

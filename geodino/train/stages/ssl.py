@@ -32,7 +32,7 @@ from geodino.models.registry import is_arch
 from geodino.models.weights import load_weights_into
 from geodino.train.distributed import wrap_student
 from geodino.train.gram import GramMetaArch, MultiResolutionDataset, copy_backbone
-from geodino.train.loop import AugmentedDataset, TrainSettings, collate_for
+from geodino.train.loop import TrainSettings, augmented_data, collate_for
 from geodino.train.monitors import LearningMonitor, heldout_images, heldout_monitor
 from geodino.train.ssl import SSLMetaArch
 from geodino.train.stage import Stage, StageParts
@@ -73,7 +73,11 @@ class SSLStage(Stage):
                                train={"drop_path_rate": drop_path} if drop_path is not None else None)
         stage_cfg = config.stage
         contract = backbone.geodino_contract
-        dataset, n_tokens = self._dataset(info, stage_cfg, contract.patch_size)
+        dataset, n_tokens, augment = self._dataset(info, stage_cfg, contract.patch_size)
+        collate = collate_for(stage_cfg, n_tokens, self.dist.world_size, self.dist.rank, patch_size=contract.patch_size)
+        if augment is not None:
+            dataset, collate = augmented_data(info.source, augment, int(cfg.seed), collate,
+                                              str(cfg.data.get("augment_on", "cpu")), self.dist.device)
         meta = self._meta_arch(backbone, stage_cfg, init_ckpt)
         if cfg.train.get("grad_checkpointing"):
             meta.student.backbone.set_grad_checkpointing(True)
@@ -95,7 +99,7 @@ class SSLStage(Stage):
         n_params = sum(p.numel() for p in backbone.parameters())
         return StageParts(
             meta_arch=meta, dataset=dataset, config=config, contract=contract, settings=settings,
-            collate=collate_for(stage_cfg, n_tokens, self.dist.world_size, self.dist.rank, patch_size=contract.patch_size),
+            collate=collate,
             checkpoint_extra={"init": str(init) if init_ckpt is not None else None,
                               "data": {"bands": info.band_names, "mean": info.mean, "std": info.std, **info.extra}},
             parallel=parallel, monitor=monitor, learning=learning,
@@ -185,9 +189,12 @@ class SSLStage(Stage):
             dataset = MultiResolutionDataset(info.source, [multicrop(*s) for s in sizes], list(hr.probabilities),
                                              samples_per_batch=int(self.cfg.train.batch_size) * self.dist.world_size,
                                              seed=int(self.cfg.seed))
-            return dataset, None  # the token count is read off each batch
+            if str(self.cfg.data.get("augment_on", "cpu")) != "cpu":
+                raise GeodinoError("data.augment_on=gpu does not apply to stage.highres (mixed crop sizes per batch); "
+                                   "use data.augment_on=cpu")
+            return dataset, None, None  # the token count is read off each batch
         augment = multicrop(crops.global_crops_size, crops.local_crops_size, crops.get("gram_teacher_crops_size"))
-        return AugmentedDataset(info.source, augment, seed=int(self.cfg.seed)), (int(crops.global_crops_size) // patch) ** 2
+        return None, (int(crops.global_crops_size) // patch) ** 2, augment
 
     def _parallel(self, meta: nn.Module):
         mode = str(self.cfg.train.get("parallel", "ddp"))
