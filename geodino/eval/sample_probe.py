@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from geodino.data.geotiff import read_scaled
+from geodino.errors import DataError
 from geodino.data.multicrop import MultiCropAugmentation
 from geodino.data.sample import SENTINEL2_BANDS, sample_sat_path
 from geodino.models import backbone_from_contract
@@ -37,6 +38,31 @@ def read_sample() -> torch.Tensor:
     """The sample scene (13, 256, 256) as reflectance in [0, 1] (the data config's scaling)."""
     x, _, _ = read_scaled(sample_sat_path())
     return torch.from_numpy(x)
+
+
+#: Bands the land-cover labels are computed from (NDVI, NDWI); a raster without them cannot be probed.
+LABEL_BANDS = ("B03", "B04", "B08")
+
+
+def read_rasters(paths) -> list[torch.Tensor]:
+    """Sentinel-2 GeoTIFFs -> [(13, H, W) reflectance in `SENTINEL2_BANDS` order], scaled as the data configs do.
+
+    Bands are matched by their descriptions; a band a file lacks is left at 0 (a backbone whose contract asks for it
+    is refused by `_inputs`). Files without B03, B04 and B08 are refused: the labels need them."""
+    out = []
+    for path in paths:
+        x, _, info = read_scaled(path)
+        names = [str(n).upper() for n in info["bands"]]
+        missing = [b for b in LABEL_BANDS if b not in names]
+        if missing:
+            raise DataError(f"{path}: the sample probes need Sentinel-2 bands {', '.join(LABEL_BANDS)} (for NDVI / "
+                            f"NDWI labels); its bands are {', '.join(names)} (missing {', '.join(missing)})")
+        full = torch.zeros(len(SENTINEL2_BANDS), *x.shape[-2:])
+        for i, name in enumerate(names):
+            if name in SENTINEL2_BANDS:
+                full[SENTINEL2_BANDS.index(name)] = torch.from_numpy(x[i])
+        out.append(full)
+    return out
 
 
 def patch_labels(img: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
@@ -60,14 +86,35 @@ def _windows(img: torch.Tensor, rows: tuple[int, int], chip: int, stride: int) -
     return chips, torch.stack([patch_labels(c) for c in chips])
 
 
-def dense_sets(chip: int = 64, stride: int = 8) -> tuple[tuple, tuple]:
-    """((train chips, labels) from the top half, (test chips, labels) from the bottom half)."""
-    img = read_sample()
-    half = img.shape[-2] // 2
-    return _windows(img, (0, half), chip, stride), _windows(img, (half, img.shape[-2]), chip, stride)
+def dense_sets(chip: int = 64, stride: int = 8, images: list[torch.Tensor] | None = None,
+               max_chips: int = 900, seed: int = 0) -> tuple[tuple, tuple]:
+    """((train chips, labels) from the top halves, (test chips, labels) from the bottom halves).
+
+    `images` default to the packaged sample (225 chips per half); other rasters (`read_rasters`) are cut the same
+    way, and each half keeps at most `max_chips` chips (a fixed random subset) so large scenes stay fast."""
+    halves = ([], [])
+    for img in images if images is not None else [read_sample()]:
+        half = img.shape[-2] // 2
+        if half < chip or img.shape[-1] < chip:
+            raise DataError(f"a raster of {tuple(img.shape[-2:])} px is too small for {chip}-px probe chips in each "
+                            "half")
+        halves[0].append(_windows(img, (0, half), chip, stride))
+        halves[1].append(_windows(img, (half, img.shape[-2]), chip, stride))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for parts in halves:
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if len(x) > max_chips:
+            keep = torch.randperm(len(x), generator=g)[:max_chips].sort().values
+            x, y = x[keep], y[keep]
+        out.append((x, y))
+    return out[0], out[1]
 
 
 def _inputs(x: torch.Tensor, contract) -> torch.Tensor:
+    unknown = [b for b in contract.bands if b not in SENTINEL2_BANDS]
+    if unknown:
+        raise DataError(f"the sample probes feed Sentinel-2 bands; the backbone's contract asks for {unknown}")
     idx = [SENTINEL2_BANDS.index(b) for b in contract.bands]
     return contract.normalize(x[:, idx])
 
@@ -160,21 +207,24 @@ def _stats(values: list[float]) -> dict:
             "values": [round(v, 2) for v in values]}
 
 
-def compare(trained, seeds=(0, 1, 2), margin: float = 5.0, raw: bool = True) -> dict:
+def compare(trained, seeds=(0, 1, 2), margin: float = 5.0, raw: bool = True, sets=None,
+            retrieval: bool = True) -> dict:
     """Every probe for `trained` against random inits (`seeds`) with the same normalisation, and the verdict:
     ``beats_random`` when the dense-probe mIoU exceeds the random mean by at least `margin` and by more than two
-    seed standard deviations."""
-    sets = dense_sets()
+    seed standard deviations. `sets` (from `dense_sets`) default to the packaged sample; `retrieval=False` skips the
+    view-retrieval probe (it draws its chips from the packaged sample)."""
+    sets = sets or dense_sets()
     contract = trained.geodino_contract
     dense = dense_probe(trained, sets)
     randoms = [dense_probe(random_init(contract, s), sets) for s in seeds]
     rand = _stats([r["miou"] for r in randoms])
     gain = dense["miou"] - rand["mean"]
     out = {"dense_miou": {"trained": dense, "random_init": rand, "gain": gain,
-                          "beats_random": bool(gain >= margin and gain > 2 * rand["std"])},
-           "view_retrieval_top1": {"trained": view_retrieval(trained),
-                                   "random_init": _stats([view_retrieval(random_init(contract, s)) for s in seeds]),
-                                   "chance": 1 / 64}}
+                          "beats_random": bool(gain >= margin and gain > 2 * rand["std"])}}
+    if retrieval:
+        out["view_retrieval_top1"] = {
+            "trained": view_retrieval(trained),
+            "random_init": _stats([view_retrieval(random_init(contract, s)) for s in seeds]), "chance": 1 / 64}
     if raw:
         (xtr, ytr), (xte, yte) = sets
         out["dense_miou"]["raw_pixels"] = {

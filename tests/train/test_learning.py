@@ -110,3 +110,34 @@ def test_the_dense_probe_can_fail():
     good = linear_probe_miou(raw_features(xtr, contract), ytr, raw_features(xte, contract), yte)
     const = linear_probe_miou(torch.ones(len(xtr), 16, 4), ytr, torch.ones(len(xte), 16, 4), yte)
     assert good["miou"] > 70 and const["miou"] < 35 and good["miou"] - const["miou"] > 40
+
+
+def test_the_sample_probes_run_on_any_sentinel2_folder(tmp_path):
+    """`read_rasters` maps a 4-band B02/B03/B04/B08 GeoTIFF into the 13-band order by name (absent bands 0) and
+    labels its patches from NDVI / NDWI: a water top and a forest bottom give class 0 above and class 1 below; a file
+    without the label bands is refused by name."""
+    import numpy as np
+
+    from fakes.rasters import write_tif
+    from geodino.data.sample import SENTINEL2_BANDS
+    from geodino.errors import DataError
+    from geodino.eval.sample_probe import dense_sets, read_rasters
+
+    h = w = 128
+    water = np.array([900, 1200, 500, 300])     # B02 B03 B04 B08: NDWI = (1200-300)/1500 > 0.1
+    forest = np.array([300, 500, 300, 4000])    # NDVI = 3700/4300 > 0.5
+    data = np.zeros((4, h, w), np.uint16)
+    data[:, : h // 2] = water[:, None, None]
+    data[:, h // 2:] = forest[:, None, None]
+    path = write_tif(tmp_path / "s2" / "a.tif", data, 32633, 500000, 5000000, 10,
+                     descriptions=["B02", "B03", "B04", "B08"])
+    (img,) = read_rasters([path])
+    assert img.shape == (len(SENTINEL2_BANDS), h, w)
+    assert torch.allclose(img[SENTINEL2_BANDS.index("B08"), 0, 0], torch.tensor(0.03))
+    assert float(img[SENTINEL2_BANDS.index("B11")].abs().max()) == 0.0
+    (xtr, ytr), (xte, yte) = dense_sets(chip=32, stride=32, images=[img])
+    assert xtr.shape == (8, 13, 32, 32) and ytr.shape == (8, 2, 2)
+    assert bool((ytr == 0).all()) and bool((yte == 1).all())
+    bad = write_tif(tmp_path / "bad.tif", data[:2], 32633, 500000, 5000000, 10, descriptions=["B02", "B03"])
+    with pytest.raises(DataError, match=r"bad\.tif.*missing B04, B08"):
+        read_rasters([bad])
