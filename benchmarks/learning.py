@@ -78,7 +78,7 @@ def geodino_arm(name: str, recipe: str, args, out: Path, sets) -> dict:
     run_dir = out / name
     cmd = [sys.executable, "-m", "geodino.cli", "train", "stage=pretrain", "model=vit_tiny", f"recipe={recipe}",
            f"train.iterations={args.steps}", f"train.batch_size={args.batch}", f"seed={args.train_seed}",
-           f"run_dir={run_dir}"]
+           f"run_dir={run_dir}"] + ([f"threads={args.threads}"] if args.threads else [])
     if args.folder:
         cmd += ["data=sat", f"data.paths=[{args.folder}]", "data.rows=[0.0,0.5]", f"data.chip_size={CHIP}"]
     else:
@@ -175,6 +175,8 @@ def peer_run(spec_path: str) -> int:
     from geodino.eval.sample_probe import dense_probe
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     tuned = spec["arm"] == "lightly_small"
     torch.manual_seed(spec["train_seed"])
     vit = _lightly_vit(1.0 if tuned else 1e-5)
@@ -226,7 +228,7 @@ def peer_python(env: Path) -> str:
 def lightly_arm(name: str, args, out: Path, png: dict) -> dict:
     spec = {"arm": name, "out": str(out / name), "png_dir": str(out / "png"), "steps": args.steps,
             "batch": args.batch, "train_seed": args.train_seed, "seeds": args.seeds, "folder": args.folder,
-            "result": str(out / f"{name}.json"), **png}
+            "threads": args.threads, "result": str(out / f"{name}.json"), **png}
     (out / f"{name}.spec.json").write_text(json.dumps(spec))
     cmd = [peer_python(Path(args.peer_env)), __file__, "--peer-run", str(out / f"{name}.spec.json")]
     print("$", " ".join(cmd), flush=True)
@@ -255,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102],
                     help="random-init seeds of the probes (distinct from --train-seed, whose init the arms start from)")
     ap.add_argument("--train-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch threads of every arm (default: each tool's own default)")
     ap.add_argument("--png-stride", type=int, default=8, help="stride of the peer's PNG training chips (px)")
     ap.add_argument("--out", default="outputs/bench_learning")
     ap.add_argument("--peer-env", default=str(Path.home() / ".cache" / "geodino" / "lightly-env"))
