@@ -482,6 +482,7 @@ DATA: dict[str, Entry] = {
     "min_size": Int(ge=1),
     "caption_file": PATH,
     "root": PATH,
+    "cache_mb": Float(ge=0),  # data=captions: decoded images kept in memory after their first read (0: off)
     "sources": Mapping(Mapping()),
     "weights": Opt(AnyOf(Mapping(Float(ge=0)), List(Float(ge=0), min_len=1))),
     "homogeneous_fraction": Float(ge=0, le=1),

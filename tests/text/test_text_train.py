@@ -101,8 +101,12 @@ def test_caption_source_reads_any_band_count_and_photos(tmp_path):
     (tmp_path / "mixed.csv").write_text("path,caption\np.png,a photo\ns.tif,a field\n")
     mixed = CaptionSource(read_caption_file(tmp_path / "mixed.csv"))
     assert mixed.band_names == ["R", "G", "B"] and mixed[0]["image"].shape == (3, 30, 40)
-    with pytest.raises(DataError, match="photo .* has 3 bands|the caption data uses R, G, B"):
-        mixed[1]
+    # the GeoTIFF is mapped onto the photo's R, G, B by band name: B04, B03, B02
+    torch.testing.assert_close(mixed[1]["image"][:, 10, 10], torch.from_numpy(arr[[2, 1, 0], 10, 10] / 10000.0).float())
+    write_geotiff(tmp_path / "swir.tif", arr[3:], bands=["B08", "B11"], nodata=0)
+    (tmp_path / "swir.csv").write_text("path,caption\np.png,a photo\nswir.tif,a field\n")
+    with pytest.raises(DataError, match=r"swir.tif \(B08, B11\) has 2 bands; this model takes 3 \(R, G, B\)"):
+        CaptionSource(read_caption_file(tmp_path / "swir.csv"))[1]
 
 
 # -- model pieces ---------------------------------------------------------------------------------------------------
