@@ -6,6 +6,9 @@ meta-architecture interface:
 * ``DinoTxtMetaArch.student_modules()`` -> the vision head blocks, the text tower and the logit scale (the
   backbone is frozen and never reaches the optimiser);
 * ``forward_backward`` -> symmetric contrastive loss (open_clip ``ClipLoss``) on a batch of image–caption pairs;
+  its metrics: ``loss``, ``log_scale`` (the learned ``logit_scale`` parameter, i.e. ln of the logit multiplier,
+  clamped to [0, ln 100]) and ``acc_i2t`` / ``acc_t2i``, in-batch retrieval accuracy where identical captions count
+  as the same class (`retrieval_accuracy`); no momentum / teacher temperature (``has_teacher = False``);
 * ``param_groups`` -> the reference's text-stage rule: no weight decay for parameters with ndim < 2 or names
   holding ``bias``, ``ln``, ``bn`` or ``logit_scale``; the optimiser settings come from ``stage.optim`` (the text
   stage's reference values, lr 7e-4, betas (0.9, 0.99), wd 1e-4, scaled to CPU runs), not from the top-level
@@ -66,6 +69,9 @@ class DinoTxtMetaArch(nn.Module):
             mods["logit_scale"] = self._scale_module
         return mods
 
+    #: no EMA teacher: the trainer leaves momentum / teacher temperature out of this stage's metrics
+    has_teacher = False
+
     def forward_backward(self, batch: dict[str, Any], teacher_temp: float = 0.0,
                          loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
         images, tokens = batch["images"], batch["tokens"]
@@ -73,12 +79,9 @@ class DinoTxtMetaArch(nn.Module):
         loss = contrastive_loss(img, txt, scale)
         (loss * loss_scale).backward()
         with torch.no_grad():
-            sim = img.float() @ txt.float().t()
-            target = torch.arange(sim.shape[0], device=sim.device)
-            acc_i2t = float((sim.argmax(1) == target).float().mean())
-            acc_t2i = float((sim.argmax(0) == target).float().mean())
+            acc_i2t, acc_t2i = retrieval_accuracy(img.float() @ txt.float().t(), tokens)
         stats = {"loss": float(loss.detach()), "loss_clip": float(loss.detach()),
-                 "logit_scale": float(scale.detach().reshape(-1)[0]), "acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
+                 "log_scale": float(scale.detach().reshape(-1)[0].log()), "acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
         return loss.detach(), stats
 
     def update_ema(self, momentum: float) -> None:  # no teacher in dino.txt
@@ -91,6 +94,17 @@ class DinoTxtMetaArch(nn.Module):
     def param_groups(self, settings=None) -> list[dict]:
         """The trainer's optimiser groups: the reference's text-stage rule (`text_param_groups`)."""
         return text_param_groups(self.student_modules())
+
+
+def retrieval_accuracy(sim: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+    """In-batch retrieval accuracy (image -> caption, caption -> image) from the (B, B) image-caption similarities.
+    A retrieval counts as right when the retrieved caption is *the same text* as the image's own (identical token
+    rows), so a batch with several "water" chips can reach 1.0: the contrastive loss cannot tell them apart either."""
+    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1)  # (B, B): caption i is caption j
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    i2t = same[rows, sim.argmax(1)].float().mean()
+    t2i = same[sim.argmax(0), rows].float().mean()
+    return float(i2t), float(t2i)
 
 
 def text_param_groups(modules: dict[str, nn.Module]) -> list[dict]:
@@ -259,7 +273,8 @@ class TextStage(Stage):
         if not trainer.history:
             return {}
         last = trainer.history[-1]
-        return {"summary": {"logit_scale_last": last["logit_scale"], "acc_i2t_last": last["acc_i2t"]}}
+        return {"summary": {"log_scale_last": last["log_scale"], "acc_i2t_last": last["acc_i2t"],
+                            "acc_t2i_last": last["acc_t2i"]}}
 
 
 def _caption_statistics(data_cfg, source: CaptionSource, pairs) -> tuple[list[float], list[float]]:
