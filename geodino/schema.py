@@ -542,6 +542,12 @@ TASK: dict[str, Entry] = {
     "ignore_index": Mapping(Int()),
     "exclude_from_mean": Mapping(List(Int())),
     "max_samples": Opt(Int(ge=1)),
+    # ov (open-vocabulary segmentation scored against label rasters)
+    "prompts": Opt(List(Str(), min_len=2)),
+    "templates": one_or_list(Str()),
+    "tile": Int(ge=1),
+    "overlap": Int(ge=0),
+    "ignore_value": Opt(Int()),
 }
 
 EVAL: dict[str, Entry] = {
