@@ -1,6 +1,7 @@
 """``geodino eval ov``: open-vocabulary segmentation of a dino.txt model scored against per-pixel labels.
 
     geodino eval ov root=<labelled folder> backbone=<stage=text run | dino.txt model file>
+    geodino eval ov backbone=<run>      # without root=: the packaged sample (geodino/data/sample/ov)
 
 The folder holds class names, GeoTIFFs and label rasters (geodino.eval.datasets.ov_folder). Every image is
 segmented as ``geodino segment`` / `OpenVocabSegmenter` does (bands mapped by name, the checkpoint's scale and
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import open_dict
 
+from geodino.data.sample import sample_ov_dir
 from geodino.errors import GeodinoError
 from geodino.eval.datasets.ov_folder import find_pairs, read_class_names, read_labels
 from geodino.eval.metrics import SegmentationMetric
@@ -45,8 +48,15 @@ UNTRAINED = "untrained_text_tower"
 
 
 def run_ov_eval(cfg) -> dict:
-    """``geodino eval ov``: the eval suite's run with this task (see module doc)."""
+    """``geodino eval ov``: the eval suite's run with this task (see module doc). Without ``root=`` it scores the
+    packaged sample (geodino.data.sample.sample_ov_dir: the Sentinel-2 sample's bottom half, labelled by the
+    stated NDWI / NDVI rule; the caption sample comes from the top half)."""
     _check_backbone(cfg)
+    if cfg.get("root") in (None, "", "null"):
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.root = str(sample_ov_dir())
+        log.info("geodino eval ov: no root=, scoring the packaged sample %s", cfg.root)
     return run_eval(cfg, runner=run)
 
 

@@ -34,6 +34,7 @@ from geodino.checkpoint import DINOTXT_KIND
 from geodino.contract import IMAGENET_MEAN, IMAGENET_STD
 from geodino.data.bands import match_bands, rgb_indices
 from geodino.data.geotiff import DEFAULT_SCALE_RULE
+from geodino.data.sample import sample_captions_path
 from geodino.errors import CheckpointError, DataError, GeodinoError
 from geodino.models import build_backbone, load_backbone
 from geodino.models.registry import arch, is_arch
@@ -193,6 +194,8 @@ def _caption_data_cfg(cfg):
     stage_file = cfg.stage.get("caption_file")
     if data is not None and str(data.get("kind")) == "captions":
         cf = data.get("caption_file") or stage_file
+        if not cf and str(data.get("name")) == "sample_captions":  # the packaged caption sample
+            cf = str(sample_captions_path())
         if not cf:
             raise DataError("stage=text needs a caption file: caption_file=<pairs.csv|pairs.jsonl>")
         return data, str(cf)
