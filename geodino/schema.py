@@ -448,6 +448,7 @@ STAGE: dict[str, Entry] = {
     "text.context_length": Int(ge=1),
     "text.vocab_size": Int(ge=1),
     "text.mlp_ratio": Float(gt=0),
+    "text.freeze_token_embedding": Bool(),
     "vision.head_drop_path": Float(ge=0, lt=1),
     "vision.use_class_token": Bool(),
     "vision.use_patch_tokens": Bool(),

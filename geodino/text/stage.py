@@ -146,6 +146,7 @@ def config_from_stage(stage_cfg) -> DinoTxtConfig:
         text_mlp_ratio=float(text.get("mlp_ratio", 4.0)),
         context_length=int(text.get("context_length", 77)),
         vocab_size=int(text.get("vocab_size", 49408)),
+        freeze_token_embedding=bool(text.get("freeze_token_embedding", False)),
         init_logit_scale=float(stage_cfg.get("init_logit_scale", DinoTxtConfig.init_logit_scale)),
         freeze_logit_scale=bool(stage_cfg.get("freeze_logit_scale", False)),
     )
@@ -260,6 +261,11 @@ class TextStage(Stage):
                      "bands": source.band_names, "mean": list(contract.mean), "std": list(contract.std),
                      "scale": scale, "input_scale": scale_rule}
         n_train = sum(p.numel() for m in meta.student_modules().values() for p in m.parameters() if p.requires_grad)
+        n_words = meta.model.text_model.token_embedding.weight.numel()
+        if not dcfg.freeze_token_embedding and n_words > n_train / 2:
+            log.info("the word embeddings are %.2fM of the %.2fM trainable parameters; with a small caption set, "
+                     "stage.text.freeze_token_embedding=true keeps them at their initialisation", n_words / 1e6,
+                     n_train / 1e6)
         return StageParts(
             meta_arch=meta, dataset=AugmentedDataset(source, augment, seed=int(cfg.seed)),
             collate=caption_collate(dcfg.context_length), config=self.resolved(), contract=contract,

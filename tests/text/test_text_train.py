@@ -295,3 +295,25 @@ def test_text_run_metrics_reach_full_retrieval_on_memorised_distinct_captions(tm
     first = rows[0]
     assert 0.0 <= last["log_scale"] <= math.log(100)
     assert first["log_scale"] == pytest.approx(math.log(1 / 0.07), abs=0.05)  # the initial parameter, not exp() of it
+
+
+def test_freeze_token_embedding_keeps_the_word_table_and_trains_the_rest(tmp_path, chips):
+    from geodino.train.run import run_train
+
+    run_train(_cfg(tmp_path / "run", chips, "train.iterations=2", "train.checkpoint_every=1",
+                   "stage.text.freeze_token_embedding=true"))
+    first = torch.load(tmp_path / "run" / "checkpoints" / "step_00000001.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002.pt", weights_only=False)
+    a, b = first["models"]["meta_arch"], last["models"]["meta_arch"]
+    assert torch.equal(a["model.text_model.token_embedding.weight"], b["model.text_model.token_embedding.weight"])
+    assert not torch.equal(a["model.text_model.positional_embedding"], b["model.text_model.positional_embedding"])
+    assert last["dinotxt"]["config"]["freeze_token_embedding"] is True
+
+    from geodino.text.stage import TextStage
+    from geodino.train.distributed import DistInfo
+
+    dist = DistInfo(0, 1, 0, torch.device("cpu"), True)
+    frozen = TextStage(_cfg(tmp_path / "p", chips, "stage.text.freeze_token_embedding=true"), dist).build()
+    names = [n for g in frozen.meta_arch.param_groups() for n in g["names"]]
+    assert "text.positional_embedding" in names and not any("token_embedding" in n for n in names)
+    assert "trainable=0.13M" in frozen.describe  # of 1.71M with the 49408 x 32 table (test_stage_text... log)
