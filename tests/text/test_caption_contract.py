@@ -121,3 +121,21 @@ def test_pick_bands_matches_spellings_and_refuses_what_it_cannot_map():
     assert pick_bands(["B08", "B04", "B03"], ["band_1", "band_2", "band_3"], 3, "f.tif") == [0, 1, 2]  # unnamed model
     with pytest.raises(DataError, match="raster f.tif \\(B08, B04, B03\\) has 3 bands; this model takes 3 \\(R, G, B\\)"):
         pick_bands(["B08", "B04", "B03"], ["R", "G", "B"], 3, "f.tif")
+
+
+def test_registry_name_with_weights_keeps_rgb_band_names(tmp_path):
+    """init=<registry name> model.weights=<file>: the released R, G, B contract is kept (not relabelled with the
+    caption files' band order), so BGR-stored captions are reordered by name."""
+    from geodino.models import build_backbone
+
+    weights = tmp_path / "w.pth"
+    torch.save(build_backbone("geodino_vit_tiny").state_dict(), weights)
+    scenes = _scenes(2)
+    inputs = {}
+    for key, order in {"bgr": ("B02", "B03", "B04"), "rgb": ("B04", "B03", "B02")}.items():
+        (tmp_path / key).mkdir()
+        parts = _parts(tmp_path / f"run_{key}", _captions(tmp_path / key, scenes, order), "init=geodino_vit_tiny",
+                       f"model.weights={weights}")
+        assert parts.contract.bands == ["R", "G", "B"] and not parts.checkpoint_extra["dinotxt"]["random_backbone"]
+        inputs[key] = torch.stack([parts.dataset[i]["image"] for i in range(2)])
+    torch.testing.assert_close(inputs["bgr"], inputs["rgb"], rtol=0, atol=0)
