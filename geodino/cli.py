@@ -20,7 +20,7 @@ from geodino.errors import GeodinoError
 
 VERBS: dict[str, str] = {
     "train": "run a training stage (pretrain, gram, highres, distill, text) on a data source",
-    "eval": "score a frozen backbone on an EO benchmark (loveda, geobench, canopy)",
+    "eval": "score a frozen backbone on an EO benchmark (loveda, geobench, canopy) or a dino.txt model (ov)",
     "segment": "open-vocabulary segmentation of a raster from text prompts",
     "curate": "data curation: band statistics, balanced sampling, retrieval",
     "export": "export a checkpoint's backbone to the official DINOv3 layout or safetensors",
@@ -215,6 +215,10 @@ def _handlers() -> dict[str, Callable]:
         return run_train(cfg)
 
     def evaluate(cfg):
+        if str(cfg.task.name) == "ov":  # open-vocabulary scoring needs the segmenter (a layer above geodino.eval)
+            from geodino.segment.evaluate import run_ov_eval
+
+            return run_ov_eval(cfg)
         from geodino.eval.run import run_eval
 
         return run_eval(cfg)

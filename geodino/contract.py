@@ -9,8 +9,8 @@ checkpoints and exported files store ``contract.to_dict()`` (the on-disk layout,
 written before `scale` / `offset` existed read back as None / 0), and `Contract.from_dict` reads it back with an
 error that names a missing or malformed key.
 
-This is the only place that turns scaled pixels into a backbone's input (`normalize`) and that maps a list of
-band names onto the contract's band order (`band_indices`).
+This is the only place that turns scaled pixels into a backbone's input (`normalize`); a file's bands are mapped
+onto the contract's band order by name in one place, geodino.data.geotiff.pick_bands (geodino.data.bands.match_bands).
 """
 
 from __future__ import annotations
@@ -114,14 +114,6 @@ class Contract:
                         input_scale=self.input_scale, scale=self.scale, offset=self.offset)
 
     # -- use ---------------------------------------------------------------------------------------
-    def band_indices(self, available: Sequence[str], where: str = "") -> list[int] | None:
-        """Positions of the contract's bands in `available` (e.g. a raster's band descriptions), or None when
-        not every band is named there (the caller then reads bands in file order)."""
-        available = list(available)
-        if all(b in available for b in self.bands):
-            return [available.index(b) for b in self.bands]
-        return None
-
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """(…, C, H, W) values in [0, 1] in the contract's band order -> the backbone's input, (x - mean) / std."""
         if x01.shape[-3] != self.n_bands:

@@ -448,6 +448,7 @@ STAGE: dict[str, Entry] = {
     "text.context_length": Int(ge=1),
     "text.vocab_size": Int(ge=1),
     "text.mlp_ratio": Float(gt=0),
+    "text.freeze_token_embedding": Bool(),
     "vision.head_drop_path": Float(ge=0, lt=1),
     "vision.use_class_token": Bool(),
     "vision.use_patch_tokens": Bool(),
@@ -482,6 +483,7 @@ DATA: dict[str, Entry] = {
     "min_size": Int(ge=1),
     "caption_file": PATH,
     "root": PATH,
+    "cache_mb": Float(ge=0),  # data=captions: decoded images kept in memory after their first read (0: off)
     "sources": Mapping(Mapping()),
     "weights": Opt(AnyOf(Mapping(Float(ge=0)), List(Float(ge=0), min_len=1))),
     "homogeneous_fraction": Float(ge=0, le=1),
@@ -541,6 +543,12 @@ TASK: dict[str, Entry] = {
     "ignore_index": Mapping(Int()),
     "exclude_from_mean": Mapping(List(Int())),
     "max_samples": Opt(Int(ge=1)),
+    # ov (open-vocabulary segmentation scored against label rasters)
+    "prompts": Opt(List(Str(), min_len=2)),
+    "templates": one_or_list(Str()),
+    "tile": Int(ge=1),
+    "overlap": Int(ge=0),
+    "ignore_value": Opt(Int()),
 }
 
 EVAL: dict[str, Entry] = {

@@ -4,7 +4,9 @@ and the normalisation statistics geodino ships.
 Every checkpoint records the band names (in order) and the normalisation it was trained with, so a
 backbone is always fed the bands it expects (see geodino.models.registry).
 
-`band_colour` / `rgb_indices` are the one RGB detector: a band is red, green or blue when its name (in any case) is
+`match_bands` is the one by-name band mapping (a raster's band descriptions, or a photo's R, G, B, onto a model's
+band list): the caption data of ``stage=text``, segmentation and the ``ov`` evaluation all read through it
+(geodino.data.geotiff.pick_bands). `band_colour` / `rgb_indices` are the one RGB detector: a band is red, green or blue when its name (in any case) is
 a visible band of the sensor table (or one of its aliases, e.g. Sentinel-2 ``B4``), a colour word (``red``), or a
 GEO-Bench band descriptor ending in ``- <colour>`` (``04 - Red``).
 """
@@ -121,3 +123,45 @@ def missing_rgb(band_names: Sequence[str | Sequence[str]], sensor: str | None = 
     """The colour words ('red', 'green', 'blue') that no band of `band_names` has (for error messages)."""
     found = _first_of_each_colour(band_names, sensor)
     return [word for colour, word in COLOUR_WORDS if colour not in found]
+
+
+# Names of the near-infrared band that `band_key` treats as one band (not Landsat "B8"/"B5": those are panchromatic
+# in one table and NIR in another, so they only match by their exact name).
+NIR_NAMES = ("nir", "b08", "near-infrared", "near infrared")
+
+
+def band_key(name: str) -> str:
+    """The identity `match_bands` compares: 'R' / 'G' / 'B' for a visible band (`band_colour`: ``B04``, ``red``,
+    ``04 - Red`` ...), 'NIR' for a near-infrared name (``NIR``, ``B08``, ``... - NIR``), else the name in lower case."""
+    colour = band_colour(name)
+    if colour:
+        return colour
+    key = str(name).strip().lower()
+    if key in NIR_NAMES or key.endswith(("- nir", "- near-infrared")):
+        return "NIR"
+    return key
+
+
+def is_generic(names: Sequence[str]) -> bool:
+    """True when `names` are placeholders (``band_1``, ``band_2`` ...: a raster without band descriptions, or a
+    model whose contract names no bands), which say nothing about which band is which."""
+    return all(str(n) == f"band_{i + 1}" for i, n in enumerate(names))
+
+
+def match_bands(available: Sequence[str], wanted: Sequence[str]) -> list[int] | None:
+    """Positions of the `wanted` bands in `available`: by exact name when every one is there, else by `band_key`
+    (so ``B02, B03, B04`` stored in that order feed an ``R, G, B`` model as ``B04, B03, B02``); None when some
+    wanted band has no single match."""
+    available, wanted = [str(a) for a in available], [str(w) for w in wanted]
+    if len(set(wanted)) != len(wanted):
+        return None
+    if all(w in available for w in wanted):
+        return [available.index(w) for w in wanted]
+    keys = [band_key(a) for a in available]
+    out = []
+    for w in wanted:
+        hits = [i for i, k in enumerate(keys) if k == band_key(w)]
+        if len(hits) != 1:
+            return None
+        out.append(hits[0])
+    return out if len(set(out)) == len(out) else None

@@ -7,8 +7,9 @@
   reflectance in [0, 1], ``clip((DN + offset) / scale, 0, 1)`` (the rules are below);
 - `scaling_problem(values, ...)`: a warning text when scaled values look implausible (divided twice, or clipped);
 - `valid_mask(arr, nodata)`: pixels that are not nodata in every band and not NaN in any (NaN is always nodata);
-- `pick_bands(names, wanted, count, where)`: which file bands to read for a model's band list (by name when the
-  descriptions hold them, else all bands in file order when the count matches);
+- `pick_bands(names, wanted, count, where)`: which file bands to read for a model's band list (by name, also across
+  spellings of the same band such as ``B04`` / ``R``; in file order only when either list names no bands; else an
+  error naming the file and both lists);
 - `read_scaled(path, ...)`: a whole raster (or its named bands) scaled to [0, 1] with its valid mask and georeference.
 
 Scaling rules (`data.scale` / `data.offset` null; a number given in the config always wins):
@@ -43,6 +44,7 @@ from typing import Sequence
 import numpy as np
 import rasterio
 
+from geodino.data.bands import is_generic, match_bands
 from geodino.errors import DataError
 
 log = logging.getLogger("geodino")
@@ -286,15 +288,19 @@ def valid_mask(arr: np.ndarray, nodata) -> np.ndarray:
 
 
 def pick_bands(names: Sequence[str], wanted: Sequence[str], count: int, where: str) -> list[int]:
-    """0-based file bands to read for `wanted` (a model's bands): by name when every one is described in the
-    file, else all bands in file order when there are as many; otherwise a `DataError` naming both lists."""
+    """0-based file bands to read for `wanted` (a model's bands, in its order): by name (`bands.match_bands`: exact,
+    else the same visible / NIR band under another name), else -- only when the file's or the model's names are
+    placeholders (``band_1`` ...) and the counts agree -- all bands in file order; otherwise a `DataError` naming
+    the file and both band lists. The one mapping of training (``stage=text`` captions), segmentation and eval."""
     names, wanted = list(names), list(wanted)
-    if all(b in names for b in wanted) and len(set(wanted)) == len(wanted):
-        return [names.index(b) for b in wanted]
-    if count == len(wanted):
+    idx = match_bands(names, wanted)
+    if idx is not None:
+        return idx
+    if count == len(wanted) and (is_generic(names) or is_generic(wanted)):
         return list(range(count))
     raise DataError(f"raster {where} ({', '.join(names)}) has {count} band{'s' if count != 1 else ''}; this model "
-                    f"takes {len(wanted)} ({', '.join(wanted)})")
+                    f"takes {len(wanted)} ({', '.join(wanted)}) and they cannot be matched by name (set the file's "
+                    "band descriptions to the bands it holds)")
 
 
 def read_scaled(path: str | Path, wanted: Sequence[str] | None = None, scale: float | None = None,

@@ -1,4 +1,5 @@
-"""`geodino eval <task>`: score a frozen backbone on LoveDA, GEO-Bench or canopy height.
+"""`geodino eval <task>`: score a frozen backbone on LoveDA, GEO-Bench or canopy height (and, through
+geodino.segment.evaluate, a dino.txt model's open-vocabulary segmentation: `geodino eval ov`).
 
 `run_eval(cfg)` resolves the backbone (a released name, a geodino checkpoint / run directory, or a
 released name plus an official ``.pth`` in ``weights=``), sets up the verb with `geodino.runtime.verb_setup`
@@ -106,15 +107,23 @@ def _opt(v) -> str | None:
     return None if v in (None, "", "null") else str(v)
 
 
+# Tasks that need a higher layer run through it and pass their runner to `run_eval` (the CLI dispatches them).
+UPPER_TASKS = {"ov": "geodino.segment.evaluate.run_ov_eval"}
+
+
 def _task_runner(name: str) -> Callable[[EvalContext], dict]:
+    if name in UPPER_TASKS:
+        raise GeodinoError(f"eval task '{name}' runs through {UPPER_TASKS[name]} (`geodino eval {name}`)")
     if name not in TASK_MODULES:
-        raise GeodinoError(f"unknown eval task '{name}'; choose one of: {', '.join(TASK_MODULES)}")
+        raise GeodinoError(f"unknown eval task '{name}'; choose one of: {', '.join([*TASK_MODULES, *UPPER_TASKS])}")
     return importlib.import_module(TASK_MODULES[name]).run
 
 
-def run_eval(cfg: DictConfig) -> dict:
+def run_eval(cfg: DictConfig, runner: Callable[[EvalContext], dict] | None = None) -> dict:
+    """Run ``cfg.task`` (its module in TASK_MODULES, or `runner` for a task of a higher layer) and write the
+    results (module doc)."""
     task = str(cfg.task.name)
-    runner = _task_runner(task)
+    runner = runner if runner is not None else _task_runner(task)
     if cfg.get("root") in (None, "", "null"):
         raise GeodinoError(f"set root=<dataset folder> for geodino eval {task} (datasets are never downloaded)")
     root = Path(str(cfg.root)).expanduser()

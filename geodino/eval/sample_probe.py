@@ -28,9 +28,10 @@ from geodino.data.geotiff import read_scaled
 from geodino.errors import DataError
 from geodino.data.multicrop import MultiCropAugmentation
 from geodino.data.sample import SENTINEL2_BANDS, sample_sat_path
+from geodino.data.sample.landcover import LAND_COVER_CLASSES, land_cover
 from geodino.models import backbone_from_contract
 
-CLASS_NAMES = ("water", "dense vegetation", "sparse vegetation", "bare / built")
+CLASS_NAMES = LAND_COVER_CLASSES
 PATCH = 16
 
 
@@ -66,17 +67,11 @@ def read_rasters(paths) -> list[torch.Tensor]:
 
 
 def patch_labels(img: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
-    """(13, H, W) reflectance -> (H/patch, W/patch) land-cover labels from mean NDVI / NDWI."""
+    """(13, H, W) reflectance -> (H/patch, W/patch) land-cover labels of the patches' mean reflectance
+    (geodino.data.sample.landcover: the one rule)."""
     b = {n: i for i, n in enumerate(SENTINEL2_BANDS)}
     pooled = F.avg_pool2d(img[None], patch)[0]
-    red, green, nir = pooled[b["B04"]], pooled[b["B03"]], pooled[b["B08"]]
-    ndvi = (nir - red) / (nir + red).clamp_min(1e-6)
-    ndwi = (green - nir) / (green + nir).clamp_min(1e-6)
-    labels = torch.full(ndvi.shape, 3, dtype=torch.long)
-    labels[ndvi > 0.25] = 2
-    labels[ndvi > 0.5] = 1
-    labels[ndwi > 0.1] = 0
-    return labels
+    return land_cover(pooled[b["B04"]], pooled[b["B03"]], pooled[b["B08"]])
 
 
 def _windows(img: torch.Tensor, rows: tuple[int, int], chip: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,21 +218,27 @@ class OpenVocabSegmenter:
 
     # -- text -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str], templates: str | Sequence[str] | None = "default") -> torch.Tensor:
-        """(K, E') class embeddings aligned with the patch tokens (template-ensembled, L2-normalised)."""
+    def text_embeddings(self, prompts: Sequence[str], templates: str | Sequence[str] | None = "default",
+                        text_model: torch.nn.Module | None = None) -> torch.Tensor:
+        """(K, E') class embeddings aligned with the patch tokens (template-ensembled, L2-normalised).
+        ``text_model``: encode with this text tower instead of the model's (e.g. an untrained one, for the floor
+        of ``geodino eval ov``); such embeddings are not cached."""
         prompts = check_prompts(prompts)
         temps = resolve_templates(templates)
         key = (tuple(prompts), temps)
-        if key in self._text_cache:
+        if text_model is None and key in self._text_cache:
             return self._text_cache[key]
         texts = [t.format(p) for p in prompts for t in temps]
         tokens = self.model.tokenize(texts).to(self.device)
-        feats = torch.cat([self.model.encode_text(chunk) for chunk in tokens.split(256)])
+        encode = self.model.encode_text if text_model is None else text_model
+        feats = torch.cat([encode(chunk) for chunk in tokens.split(256)])
         cfg = self.model.cfg
         if cfg.use_class_token and cfg.use_patch_tokens:
             feats = feats[:, feats.shape[1] // 2:]
         feats = F.normalize(feats.float(), dim=-1).view(len(prompts), len(temps), -1).mean(1)
         emb = F.normalize(feats, dim=-1)
+        if text_model is not None:
+            return emb
         if len(self._text_cache) > 16:
             self._text_cache.clear()
         self._text_cache[key] = emb

@@ -29,8 +29,10 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import rasterio
@@ -56,11 +58,43 @@ _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 BACKGROUND_RGB = (128, 128, 128)
 
 
-def class_colours(n: int) -> list[tuple[int, int, int]]:
-    out = list(_COLOURS[:n])
+# Conventional land-cover colours, matched on the start of a word of the class name (in this order, so "dense
+# vegetation" is forest green and "bare or built-up land" is tan); a name that matches nothing, or whose colour an
+# earlier class took, gets the next free colour of _COLOURS.
+CONVENTIONAL_COLOURS: tuple[tuple[tuple[str, ...], tuple[int, int, int]], ...] = (
+    (("water", "river", "lake", "sea", "ocean", "lagoon", "pond", "reservoir", "creek", "stream", "canal"), (30, 100, 220)),
+    (("forest", "tree", "wood", "dense vegetation"), (20, 110, 40)),
+    (("vegetation", "grass", "meadow", "field", "crop", "farm", "agricult", "pasture", "shrub", "cultivat"),
+     (130, 200, 80)),
+    (("bare", "soil", "sand", "desert", "barren", "rock", "beach", "dune"), (210, 180, 140)),
+    (("built", "building", "urban", "road", "impervious", "settlement", "city", "house", "roof"), (96, 96, 96)),
+    (("marsh", "wetland", "swamp", "bog"), (70, 160, 150)),
+    (("snow", "ice", "glacier", "cloud"), (240, 248, 255)),
+)
+
+
+def conventional_colour(name: str) -> tuple[int, int, int] | None:
+    """The conventional colour of a class name (water blue, vegetation green, bare tan, built grey, ...) or None."""
+    low = str(name).lower()
+    for words, colour in CONVENTIONAL_COLOURS:
+        if any(re.search(rf"\b{re.escape(w)}", low) for w in words):
+            return colour
+    return None
+
+
+def class_colours(classes: int | Sequence[str]) -> list[tuple[int, int, int]]:
+    """One colour per class: conventional ones by name (CONVENTIONAL_COLOURS), else distinct palette colours
+    (_COLOURS, then a seeded palette). An int means that many unnamed classes."""
+    names = [None] * classes if isinstance(classes, int) else [str(c) for c in classes]
+    out: list[tuple[int, int, int] | None] = []
+    for n in names:
+        c = conventional_colour(n) if n is not None else None
+        out.append(c if c not in out else None)
+    free = [c for c in _COLOURS if c not in out]
     rng = np.random.default_rng(7)
-    while len(out) < n:
-        out.append(tuple(int(v) for v in rng.integers(30, 256, 3)))
+    for i, c in enumerate(out):
+        if c is None:
+            out[i] = free.pop(0) if free else tuple(int(v) for v in rng.integers(30, 256, 3))
     return out
 
 
@@ -82,7 +116,8 @@ def preview_png(labels: np.ndarray, class_names: list[str], out: Path, backgroun
 
     k = len(class_names)
     lut = np.zeros((256, 3), np.uint8)
-    for i, c in enumerate(class_colours(k)):
+    colours = class_colours(class_names)
+    for i, c in enumerate(colours):
         lut[i + 1] = c
     if background:
         lut[k + 1] = BACKGROUND_RGB
@@ -92,7 +127,7 @@ def preview_png(labels: np.ndarray, class_names: list[str], out: Path, backgroun
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     font = ImageFont.load_default()
-    entries = [(n, class_colours(k)[i]) for i, n in enumerate(class_names)]
+    entries = [(n, colours[i]) for i, n in enumerate(class_names)]
     if background:
         entries.append(("background", BACKGROUND_RGB))
     if nodata_value is not None and (labels == nodata_value).any():
@@ -193,7 +228,7 @@ def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[s
             with rasterio.open(tmp, "w", **profile) as dst:
                 dst.descriptions = ("labels", "score")[: profile["count"]]
                 cmap = {0: (0, 0, 0, 0)}
-                for i, c in enumerate(class_colours(k)):
+                for i, c in enumerate(class_colours(prompts)):
                     cmap[i + 1] = (*c, 255)
                 if bg:
                     cmap[k + 1] = (*BACKGROUND_RGB, 255)

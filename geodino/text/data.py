@@ -7,10 +7,12 @@ Caption files:
 * ``.jsonl`` -- one object per line with the same keys; ``caption`` may be a list (one is drawn per sample).
 
 Relative paths are resolved against ``root`` (default: the caption file's folder). Images are photos (jpg, png,
-... read as RGB / 255) or GeoTIFFs of any band count (scaled like geodino.data.sources.raster: digital numbers /
-``scale``, clipped to [0, 1]; ``scale`` null means the data type's default, geodino.data.geotiff). Every image of one
-caption file must have the same band count. Nodata pixels (all bands equal to the file's nodata value) become 0
-after normalisation (the band mean).
+... read as RGB / 255) or GeoTIFFs of any band count (geodino.data.geotiff.read_scaled, as segmentation reads them:
+``clip((DN + offset) / scale, 0, 1)``; ``scale`` null means the data type's default). Every image is mapped by band
+name onto one band list -- the frozen backbone's contract when it has one, else the first image's bands -- so files
+that store the same bands in another order (``B02, B03, B04`` vs ``B04, B03, B02``) give the same inputs; a file
+whose bands cannot be mapped is refused with its path and bands. Nodata pixels (all bands equal to the file's nodata
+value) become 0 after normalisation (the band mean). Decoded images are cached after their first read.
 
 Samples are addressed by index (item ``i`` is pair ``i % n``) and each sample's augmentation draws from a generator
 seeded by (seed, i), so the trainer's exact resume holds (see geodino.train.loop).
@@ -27,12 +29,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 
-from geodino.data.bands import select_bands
-from geodino.data.geotiff import band_names, default_scale, raster_bands, valid_mask
+from geodino.data.geotiff import pick_bands, raster_bands, read_scaled
 from geodino.data.sources.folder import read_photo
 from geodino.data.stats import band_statistics
 from geodino.errors import DataError
@@ -129,68 +129,86 @@ def read_caption_file(path: str | Path, root: str | Path | None = None, check_fi
 
 
 class CaptionSource(torch.utils.data.Dataset):
-    """Item ``i`` -> ``{"image": (C, H, W) float in [0, 1] (NaN at nodata), "captions": [...]}``."""
+    """Item ``i`` -> ``{"image": (C, H, W) float in [0, 1] (NaN at nodata), "captions": [...]}``.
+
+    ``bands``: the band list every image is mapped to, by name (geodino.data.geotiff.pick_bands, the segmenter's
+    mapping: a file stored ``B02, B03, B04`` feeds an ``R, G, B`` model as ``B04, B03, B02``); None: the first
+    image's bands (photos: R, G, B). An image whose bands cannot be mapped is refused with its path and bands.
+    GeoTIFFs are scaled by geodino.data.geotiff.read_scaled (``scale`` / ``offset`` None: the data type's default
+    and the product's offset, else ``fallback_offset``), as segmentation reads them.
+
+    Decoded images are cached in memory after their first read (up to ``cache_mb``; 0 turns the cache off): caption
+    chips are small and re-read every epoch. Each data-loader worker holds its own cache."""
 
     def __init__(self, pairs: Sequence[CaptionPair], bands: Sequence[str] | None = None, scale: float | None = None,
-                 length: int | None = None):
+                 length: int | None = None, offset: float | None = None, fallback_offset: float = 0.0,
+                 cache_mb: float = 512.0):
         self.pairs = list(pairs)
         if not self.pairs:
             raise DataError("no image–caption pairs")
         self.scale = None if scale is None else float(scale)
+        self.offset = None if offset is None else float(offset)
+        self.fallback_offset = float(fallback_offset or 0.0)
         self.length = len(self.pairs) if length is None else int(length)
+        self.cache_bytes = int(float(cache_mb) * 2**20)
+        self._cache: dict[Path, torch.Tensor] = {}
+        self._cached = 0
         first = self.pairs[0].path
         if first.suffix.lower() in RASTER_SUFFIXES:
             names, _ = raster_bands(first)
-            if bands is not None:
-                self.band_idx = select_bands(names, list(bands), where=str(first))
-                self.band_names = [names[i] for i in self.band_idx]
-            else:
-                self.band_idx = list(range(len(names)))
-                self.band_names = names
         else:
-            if bands is not None and list(bands) != ["R", "G", "B"]:
-                raise DataError(f"data.bands={list(bands)} but {first} is a photo (R, G, B)")
-            self.band_idx = [0, 1, 2]
-            self.band_names = ["R", "G", "B"]
+            names = ["R", "G", "B"]
+        if bands is None:
+            self.band_names = list(names)
+        else:
+            self.band_names = [str(b) for b in bands]
+            self.band_idx(names, first)  # fail early, naming the first file
 
     @property
     def n_bands(self) -> int:
         return len(self.band_names)
 
+    def band_idx(self, names: Sequence[str], path: Path) -> list[int]:
+        """Positions of this source's bands among an image's `names` (the one mapping: pick_bands)."""
+        return pick_bands(names, self.band_names, len(names), str(path))
+
     def __len__(self) -> int:
         return self.length
 
     def read(self, path: Path) -> torch.Tensor:
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
         if path.suffix.lower() in RASTER_SUFFIXES:
-            try:
-                with rasterio.open(path) as src:
-                    names = band_names(src)
-                    generic = all(n == f"band_{i + 1}" for i, n in enumerate(names))
-                    if generic and len(names) == self.n_bands and not all(b in names for b in self.band_names):
-                        names = list(self.band_names)  # no band descriptions: bands in file order
-                    if not all(b in names for b in self.band_names):
-                        raise DataError(f"{path} has bands {', '.join(names)}; the caption data uses "
-                                        f"{', '.join(self.band_names)} (every image needs the same bands)")
-                    idx = [names.index(b) for b in self.band_names]
-                    arr = src.read([i + 1 for i in idx])
-                    nodata = src.nodata
-                    scale = self.scale if self.scale is not None else default_scale(arr.dtype)
-            except DataError:
-                raise
-            except Exception as e:
-                raise DataError(f"cannot read raster {path}: {e}") from e
-            bad = ~valid_mask(arr, nodata)
-            x = np.clip(arr.astype(np.float32) / scale, 0.0, 1.0)
-            x[:, bad] = np.nan
-            return torch.from_numpy(x)
-        if self.n_bands != 3:
-            raise DataError(f"{path} is a photo (R, G, B) but the caption data has {self.n_bands} bands")
-
-        return read_photo(path)
+            arr, valid, _ = read_scaled(path, self.band_names, self.scale, self.offset,
+                                        fallback_offset=self.fallback_offset)
+            x = torch.from_numpy(arr)
+            x[:, torch.from_numpy(~valid)] = float("nan")
+        else:
+            x = read_photo(path)
+            x = x[self.band_idx(["R", "G", "B"], path)]
+        if self._cached + x.numel() * x.element_size() <= self.cache_bytes:
+            self._cache[path] = x
+            self._cached += x.numel() * x.element_size()
+        return x
 
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[int(i) % len(self.pairs)]
         return {"image": self.read(pair.path), "captions": pair.captions}
+
+
+def check_caption_bands(source: CaptionSource) -> dict[tuple[str, ...], list[int]]:
+    """Map every image's bands onto ``source.band_names`` before training (raster headers only), so that an image
+    that cannot be mapped is refused up front with its path and bands; returns {file band names: indices read}."""
+    orders: dict[tuple[str, ...], list[int]] = {}
+    for pair in source.pairs:
+        names = raster_bands(pair.path)[0] if pair.path.suffix.lower() in RASTER_SUFFIXES else ["R", "G", "B"]
+        if tuple(names) not in orders:
+            orders[tuple(names)] = source.band_idx(names, pair.path)
+    if len(orders) > 1:
+        log.info("caption images store their bands in %d ways (%s); every one is read as %s", len(orders),
+                 "; ".join(", ".join(k) for k in orders), ", ".join(source.band_names))
+    return orders
 
 
 def caption_band_statistics(source: CaptionSource, n: int = 64) -> tuple[list[float], list[float]]:

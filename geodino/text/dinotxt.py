@@ -87,6 +87,9 @@ class DinoTxtConfig:
     context_length: int = 77
     vocab_size: int = 49408
     text_pool: str = "argmax"  # text_model_tokens_pooler_type
+    # geodino: keep the word-embedding table (vocab_size x text_width, most of a small text tower's parameters) at
+    # its initialisation, so a small caption set trains the transformer, not 49408 rows it mostly never sees
+    freeze_token_embedding: bool = False
     init_logit_scale: float = INIT_LOGIT_SCALE
     freeze_logit_scale: bool = False
     extra: dict = field(default_factory=dict)
@@ -254,7 +257,8 @@ class VisionTower(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 def build_text_tower(cfg: DinoTxtConfig) -> nn.Module:
     """open_clip ``TextTransformer``: causal, argmax pooling, bias-free projection to ``embed_dim``; the attention
-    ``in_proj_bias`` (absent from the official model) is zero and frozen."""
+    ``in_proj_bias`` (absent from the official model) is zero and frozen; the token embedding is frozen too with
+    ``cfg.freeze_token_embedding``."""
     if cfg.vocab_size < 49408:
         raise GeodinoError(f"text vocab_size {cfg.vocab_size} is smaller than the CLIP BPE tokenizer's 49408 ids")
     if cfg.text_width % cfg.text_heads:
@@ -268,6 +272,8 @@ def build_text_tower(cfg: DinoTxtConfig) -> nn.Module:
         with torch.no_grad():
             blk.attn.in_proj_bias.zero_()
         blk.attn.in_proj_bias.requires_grad_(False)
+    if cfg.freeze_token_embedding:
+        tower.token_embedding.weight.requires_grad_(False)
     return tower
 
 

@@ -6,6 +6,9 @@ meta-architecture interface:
 * ``DinoTxtMetaArch.student_modules()`` -> the vision head blocks, the text tower and the logit scale (the
   backbone is frozen and never reaches the optimiser);
 * ``forward_backward`` -> symmetric contrastive loss (open_clip ``ClipLoss``) on a batch of image–caption pairs;
+  its metrics: ``loss``, ``log_scale`` (the learned ``logit_scale`` parameter, i.e. ln of the logit multiplier,
+  clamped to [0, ln 100]) and ``acc_i2t`` / ``acc_t2i``, in-batch retrieval accuracy where identical captions count
+  as the same class (`retrieval_accuracy`); no momentum / teacher temperature (``has_teacher = False``);
 * ``param_groups`` -> the reference's text-stage rule: no weight decay for parameters with ndim < 2 or names
   holding ``bias``, ``ln``, ``bn`` or ``logit_scale``; the optimiser settings come from ``stage.optim`` (the text
   stage's reference values, lr 7e-4, betas (0.9, 0.99), wd 1e-4, scaled to CPU runs), not from the top-level
@@ -29,12 +32,14 @@ from torch import nn
 
 from geodino.checkpoint import DINOTXT_KIND
 from geodino.contract import IMAGENET_MEAN, IMAGENET_STD
-from geodino.data.bands import rgb_indices
+from geodino.data.bands import match_bands, rgb_indices
 from geodino.data.geotiff import DEFAULT_SCALE_RULE
+from geodino.data.sample import sample_captions_path
 from geodino.errors import CheckpointError, DataError, GeodinoError
 from geodino.models import build_backbone, load_backbone
 from geodino.models.registry import arch, is_arch
-from geodino.text.data import CaptionAugment, CaptionSource, caption_band_statistics, caption_collate, read_caption_file
+from geodino.text.data import (CaptionAugment, CaptionSource, caption_band_statistics, caption_collate,
+                               check_caption_bands, read_caption_file)
 from geodino.text.dinotxt import DinoTxt, DinoTxtConfig, contrastive_loss, tokenizer_settings
 from geodino.train.loop import AugmentedDataset, TrainSettings
 from geodino.train.stage import Stage, StageParts
@@ -65,6 +70,9 @@ class DinoTxtMetaArch(nn.Module):
             mods["logit_scale"] = self._scale_module
         return mods
 
+    #: no EMA teacher: the trainer leaves momentum / teacher temperature out of this stage's metrics
+    has_teacher = False
+
     def forward_backward(self, batch: dict[str, Any], teacher_temp: float = 0.0,
                          loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
         images, tokens = batch["images"], batch["tokens"]
@@ -72,12 +80,9 @@ class DinoTxtMetaArch(nn.Module):
         loss = contrastive_loss(img, txt, scale)
         (loss * loss_scale).backward()
         with torch.no_grad():
-            sim = img.float() @ txt.float().t()
-            target = torch.arange(sim.shape[0], device=sim.device)
-            acc_i2t = float((sim.argmax(1) == target).float().mean())
-            acc_t2i = float((sim.argmax(0) == target).float().mean())
+            acc_i2t, acc_t2i = retrieval_accuracy(img.float() @ txt.float().t(), tokens)
         stats = {"loss": float(loss.detach()), "loss_clip": float(loss.detach()),
-                 "logit_scale": float(scale.detach().reshape(-1)[0]), "acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
+                 "log_scale": float(scale.detach().reshape(-1)[0].log()), "acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
         return loss.detach(), stats
 
     def update_ema(self, momentum: float) -> None:  # no teacher in dino.txt
@@ -90,6 +95,17 @@ class DinoTxtMetaArch(nn.Module):
     def param_groups(self, settings=None) -> list[dict]:
         """The trainer's optimiser groups: the reference's text-stage rule (`text_param_groups`)."""
         return text_param_groups(self.student_modules())
+
+
+def retrieval_accuracy(sim: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+    """In-batch retrieval accuracy (image -> caption, caption -> image) from the (B, B) image-caption similarities.
+    A retrieval counts as right when the retrieved caption is *the same text* as the image's own (identical token
+    rows), so a batch with several "water" chips can reach 1.0: the contrastive loss cannot tell them apart either."""
+    same = (tokens[:, None, :] == tokens[None, :, :]).all(-1)  # (B, B): caption i is caption j
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    i2t = same[rows, sim.argmax(1)].float().mean()
+    t2i = same[sim.argmax(0), rows].float().mean()
+    return float(i2t), float(t2i)
 
 
 def text_param_groups(modules: dict[str, nn.Module]) -> list[dict]:
@@ -130,45 +146,48 @@ def config_from_stage(stage_cfg) -> DinoTxtConfig:
         text_mlp_ratio=float(text.get("mlp_ratio", 4.0)),
         context_length=int(text.get("context_length", 77)),
         vocab_size=int(text.get("vocab_size", 49408)),
+        freeze_token_embedding=bool(text.get("freeze_token_embedding", False)),
         init_logit_scale=float(stage_cfg.get("init_logit_scale", DinoTxtConfig.init_logit_scale)),
         freeze_logit_scale=bool(stage_cfg.get("freeze_logit_scale", False)),
     )
 
 
 def _frozen_backbone(cfg, n_bands: int, band_names: list[str], rgb: tuple | None):
-    """The backbone from ``init=`` (a geodino run / checkpoint / exported file, or a released name with
-    ``model.weights``) or from ``model=``. Returns (backbone, contract_from_init: bool, random weights: bool)."""
+    """The backbone from ``init=`` (a geodino run / checkpoint / exported file, or a registry name with
+    ``model.weights``) or from ``model=``. Returns (backbone, random weights: bool).
+
+    A trained backbone keeps its contract whenever the caption images can be mapped onto its bands by name (same
+    band count, or its bands found among the images'): the images are then read in the contract's band order. Only
+    a 3-band (RGB) backbone given images of another band count has its first layer adapted to the images' bands
+    (geodino.models.adapt_bands). Without weights (``init=<registry name>`` without ``model.weights``, or
+    ``model=``) the backbone is random either way, and the caller normalises with the images' statistics."""
     init = cfg.get("init")
     weights = cfg.model.get("weights") if cfg.get("model") is not None else None
     if weights and not Path(str(weights)).expanduser().is_file():  # before building a large model
         raise CheckpointError(f"model.weights={weights}: weights file {weights} does not exist")
-    if init:
+    if init and not is_arch(str(init)):
         name = str(init)
-        if is_arch(name):  # without model.weights load_backbone warns that the weights are random
-            model = load_backbone(name, weights=str(weights) if weights else None,
-                                  in_chans=n_bands if n_bands != arch(name)["kwargs"].get("in_chans", 3) else None,
-                                  bands=band_names, rgb_indices=rgb)
-            return model, True, not weights
-        else:
-            model = load_backbone(name)
-            c = model.geodino_contract
-            if c.in_chans != n_bands:
-                if c.in_chans == 3:
-                    model = load_backbone(name, in_chans=n_bands, bands=band_names, rgb_indices=rgb)
-                else:
-                    raise GeodinoError(f"init={name} takes {c.in_chans} bands ({', '.join(c.bands)}) but the "
-                                       f"caption images have {n_bands} ({', '.join(band_names)})")
-        return model, True, False
-    name = str(cfg.model.name)
-    kw = cfg.model.get("kwargs")
+        model = load_backbone(name)
+        c = model.geodino_contract
+        if c.in_chans == n_bands or match_bands(band_names, c.bands) is not None:
+            return model, False
+        if c.in_chans == 3:
+            return load_backbone(name, in_chans=n_bands, bands=band_names, rgb_indices=rgb), False
+        raise GeodinoError(f"init={name} takes {c.in_chans} bands ({', '.join(c.bands)}) but the caption images "
+                           f"have {n_bands} ({', '.join(band_names)}) and they cannot be matched by name")
+    name = str(init) if init else str(cfg.model.name)
+    kw = cfg.model.get("kwargs") if (not init and cfg.get("model") is not None) else None
     overrides = OmegaConf.to_container(kw, resolve=True) if kw is not None else {}
     if weights:
-        model = load_backbone(name, weights=str(weights), in_chans=n_bands, bands=band_names, rgb_indices=rgb,
-                              **overrides)
-        return model, True, False
-    log.warning("stage=text with model=%s and no init= / model.weights: aligning a RANDOMLY initialised frozen "
-                "backbone (fine for tests; pass init=<pretrain run> for real use)", name)
-    return build_backbone(name, in_chans=n_bands, **overrides), False, True
+        native = int({**arch(name)["kwargs"], **overrides}.get("in_chans", 3))
+        if native == n_bands:  # keep the released band names (R, G, B): the images are mapped onto them by name
+            return load_backbone(name, weights=str(weights), **overrides), False
+        return load_backbone(name, weights=str(weights), in_chans=n_bands, bands=band_names, rgb_indices=rgb,
+                             **overrides), False
+    log.warning("stage=text with %s=%s and no model.weights: aligning a RANDOMLY initialised frozen backbone, "
+                "normalised with the caption images' statistics (fine for tests; pass init=<pretrain run> for real "
+                "use)", "init" if init else "model", name)
+    return build_backbone(name, in_chans=n_bands, **overrides), True
 
 
 def _caption_data_cfg(cfg):
@@ -176,6 +195,8 @@ def _caption_data_cfg(cfg):
     stage_file = cfg.stage.get("caption_file")
     if data is not None and str(data.get("kind")) == "captions":
         cf = data.get("caption_file") or stage_file
+        if not cf and str(data.get("name")) == "sample_captions":  # the packaged caption sample
+            cf = str(sample_captions_path())
         if not cf:
             raise DataError("stage=text needs a caption file: caption_file=<pairs.csv|pairs.jsonl>")
         return data, str(cf)
@@ -196,24 +217,38 @@ class TextStage(Stage):
         data_cfg, caption_file = _caption_data_cfg(cfg)
         pairs = read_caption_file(caption_file, root=data_cfg.get("root"))
         scale = data_cfg.get("scale")
-        source = CaptionSource(pairs, bands=list(data_cfg.bands) if data_cfg.get("bands") is not None else None,
-                               scale=None if scale is None else float(scale),
-                               length=int(data_cfg.samples_per_epoch) if data_cfg.get("samples_per_epoch") else None)
-        rgb = rgb_indices(source.band_names) if source.n_bands != 3 else (0, 1, 2)
-        backbone, from_init, random_backbone = _frozen_backbone(cfg, source.n_bands, source.band_names, rgb)
+        scale = None if scale is None else float(scale)
+        length = int(data_cfg.samples_per_epoch) if data_cfg.get("samples_per_epoch") else None
+        cache_mb = float(data_cfg.get("cache_mb", 512))
+        # the images' own bands (data.bands picks some by name); the backbone decides which ones are read
+        probe = CaptionSource(pairs, bands=list(data_cfg.bands) if data_cfg.get("bands") is not None else None,
+                              scale=scale, length=length, cache_mb=cache_mb)
+        rgb = rgb_indices(probe.band_names) if probe.n_bands != 3 else (0, 1, 2)
+        backbone, random_backbone = _frozen_backbone(cfg, probe.n_bands, probe.band_names, rgb)
         contract = backbone.geodino_contract
-        scale_rule = ("photos: uint8 / 255; GeoTIFFs: digital numbers / "
-                      + (f"{float(scale):g}" if scale is not None else DEFAULT_SCALE_RULE)
-                      + ", clipped to [0, 1], then (x - mean) / std")
-        if from_init:
-            if contract.n_bands != source.n_bands:
-                raise GeodinoError(f"the backbone's contract has {contract.n_bands} bands, the caption images "
-                                   f"{source.n_bands}")
-        else:
+        if random_backbone:
+            # A random backbone has no learned normalisation: `init=<registry name>` without weights and `model=`
+            # both normalise with the images' statistics (data.mean/std when given) and record the images' bands.
+            source = probe
+            scale_rule = ("photos: uint8 / 255; GeoTIFFs: digital numbers / "
+                          + (f"{scale:g}" if scale is not None else DEFAULT_SCALE_RULE)
+                          + ", clipped to [0, 1], then (x - mean) / std")
             mean, std = _caption_statistics(data_cfg, source, pairs)
             contract = contract.with_data(bands=source.band_names, mean=mean, std=std, input_scale=scale_rule,
-                                          scale=None if scale is None else float(scale), offset=0.0)
+                                          scale=scale, offset=0.0)
             backbone.geodino_contract = contract
+        else:
+            # A trained backbone's contract governs: its bands (every image mapped onto them by name, as the
+            # segmenter maps rasters), its scale (data.scale overrides it for images stored differently, e.g.
+            # 8-bit chips of a 16-bit product), its offset and its mean / std.
+            if scale is None:
+                scale = contract.scale
+            elif contract.scale is not None and scale != contract.scale:
+                log.info("caption images: data.scale=%g instead of the backbone contract's %g", scale, contract.scale)
+            source = CaptionSource(pairs, bands=contract.bands, scale=scale, length=length,
+                                   fallback_offset=contract.offset, cache_mb=cache_mb)
+            scale_rule = contract.input_scale
+        check_caption_bands(source)
         dcfg = config_from_stage(stage_cfg)
         meta = DinoTxtMetaArch(DinoTxt(backbone, dcfg)).to(self.dist.device)
         crops = stage_cfg.get("crops") or {}
@@ -224,8 +259,13 @@ class TextStage(Stage):
                                  horizontal_flips=bool(crops.get("horizontal_flips", True)))
         data_meta = {"kind": "captions", "caption_file": str(caption_file), "n_pairs": len(pairs),
                      "bands": source.band_names, "mean": list(contract.mean), "std": list(contract.std),
-                     "scale": None if scale is None else float(scale), "input_scale": scale_rule}
+                     "scale": scale, "input_scale": scale_rule}
         n_train = sum(p.numel() for m in meta.student_modules().values() for p in m.parameters() if p.requires_grad)
+        n_words = meta.model.text_model.token_embedding.weight.numel()
+        if not dcfg.freeze_token_embedding and n_words > n_train / 2:
+            log.info("the word embeddings are %.2fM of the %.2fM trainable parameters; with a small caption set, "
+                     "stage.text.freeze_token_embedding=true keeps them at their initialisation", n_words / 1e6,
+                     n_train / 1e6)
         return StageParts(
             meta_arch=meta, dataset=AugmentedDataset(source, augment, seed=int(cfg.seed)),
             collate=caption_collate(dcfg.context_length), config=self.resolved(), contract=contract,
@@ -242,7 +282,8 @@ class TextStage(Stage):
         if not trainer.history:
             return {}
         last = trainer.history[-1]
-        return {"summary": {"logit_scale_last": last["logit_scale"], "acc_i2t_last": last["acc_i2t"]}}
+        return {"summary": {"log_scale_last": last["log_scale"], "acc_i2t_last": last["acc_i2t"],
+                            "acc_t2i_last": last["acc_t2i"]}}
 
 
 def _caption_statistics(data_cfg, source: CaptionSource, pairs) -> tuple[list[float], list[float]]:

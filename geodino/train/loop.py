@@ -8,7 +8,8 @@ with this small interface
 - `update_ema(momentum)`, `state_dict()` / `load_state_dict()`;
 - optional `param_groups(settings)` (its own optimiser groups; default: the reference's SSL groups),
   `after_step(step)` (e.g. a Gram-teacher refresh) and `on_checkpoint(run_dir, step)` (e.g. writing
-  distilled students beside each checkpoint),
+  distilled students beside each checkpoint), and ``has_teacher = False`` for a meta-architecture without an EMA
+  teacher (its metrics rows then carry no ``momentum`` / ``teacher_temp``),
 
 and a *batch source* that turns a global batch index into a training batch. Step order follows the
 reference: set LR/WD, zero grads, forward_backward (grad accumulation over micro-batches), clip per
@@ -438,9 +439,11 @@ class Trainer:
                 step % self.monitor_every == 0 or step == self.s.iterations - 1):
             stats.update(self.monitor())
         t_end = time.perf_counter()
+        teacher = {"momentum": sch.momentum, "teacher_temp": sch.teacher_temp} if getattr(
+            self.meta, "has_teacher", True) else {}  # e.g. dino.txt has no EMA teacher: nothing to report
         return {
             "step": step, **stats, **grad_norms,
-            "lr": sch.lr, "wd": sch.wd, "momentum": sch.momentum, "teacher_temp": sch.teacher_temp,
+            "lr": sch.lr, "wd": sch.wd, **teacher,
             "time_data": t_data, "time_forward_backward": t_fb - t0 - t_data, "time_optim": t_end - t_fb,
             "time_step": t_end - t0,
         }

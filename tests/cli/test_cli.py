@@ -32,7 +32,7 @@ def test_train_help_lists_groups_and_options(capsys):
     cli.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "stage: distill, gram, highres, pretrain, text" in out
-    assert "data: captions, chips, mix, nat, sample_nat, sample_sat, sat" in out
+    assert "data: captions, chips, mix, nat, sample_captions, sample_nat, sample_sat, sat" in out
     assert "recipe: reference, small" in out
     for m in ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16", "convnext_tiny", "convnext_large", "vit_tiny"):
         assert m in out
@@ -81,8 +81,8 @@ def test_other_verbs_compose(verb):
     [
         (["trian"], "unknown verb 'trian'; choose one of: train, eval, segment, curate, export, info"),
         (["train", "stage=nope"], "unknown stage 'nope'; choose one of: distill, gram, highres, pretrain, text"),
-        (["train", "data=nope"], "unknown data 'nope'; choose one of: captions, chips, mix, nat, sample_nat, sample_sat, sat"),
-        (["eval", "nope"], "unknown task 'nope'; choose one of: canopy, geobench, loveda"),
+        (["train", "data=nope"], "unknown data 'nope'; choose one of: captions, chips, mix, nat, sample_captions, sample_nat, sample_sat, sat"),
+        (["eval", "nope"], "unknown task 'nope'; choose one of: canopy, geobench, loveda, ov"),
         (["train", "foo=1"], "unknown option 'foo'"),
         (["train", "--bogus"], "unknown flag '--bogus'"),
         (["train", "loveda"], "'loveda' is not an override"),

@@ -141,3 +141,19 @@ def test_a_text_model_over_a_random_backbone_warns(micro3, tmp_path):
     finally:
         logging.getLogger("geodino").removeHandler(handler)
     assert any("RANDOMLY initialised frozen backbone" in r.getMessage() for r in records)
+
+
+def test_preview_colours_follow_class_names():
+    """Water blue, vegetation green (forest darker), bare tan, built grey; unknown names and repeats get distinct
+    palette colours."""
+    from geodino.segment.run import class_colours
+
+    water, forest, veg, bare, built, cats, river = class_colours(
+        ["water", "dense vegetation", "low vegetation", "bare or built-up land", "buildings", "cats", "river"])
+    assert water[2] > 150 and water[2] > water[0] + 100  # blue
+    assert forest[1] > forest[0] + 50 and forest[1] > forest[2] + 50 and veg[1] > veg[0] + 50  # green
+    assert forest != veg and sum(forest) < sum(veg)
+    assert bare == (210, 180, 140) and built[0] == built[1] == built[2]  # tan, grey
+    assert len({water, forest, veg, bare, built, cats, river}) == 7  # river: blue taken by water -> a palette colour
+    assert class_colours(["forest", "trees"])[0] == class_colours(["Woodland"])[0]
+    assert len(set(class_colours(25))) == 25

@@ -101,8 +101,12 @@ def test_caption_source_reads_any_band_count_and_photos(tmp_path):
     (tmp_path / "mixed.csv").write_text("path,caption\np.png,a photo\ns.tif,a field\n")
     mixed = CaptionSource(read_caption_file(tmp_path / "mixed.csv"))
     assert mixed.band_names == ["R", "G", "B"] and mixed[0]["image"].shape == (3, 30, 40)
-    with pytest.raises(DataError, match="photo .* has 3 bands|the caption data uses R, G, B"):
-        mixed[1]
+    # the GeoTIFF is mapped onto the photo's R, G, B by band name: B04, B03, B02
+    torch.testing.assert_close(mixed[1]["image"][:, 10, 10], torch.from_numpy(arr[[2, 1, 0], 10, 10] / 10000.0).float())
+    write_geotiff(tmp_path / "swir.tif", arr[3:], bands=["B08", "B11"], nodata=0)
+    (tmp_path / "swir.csv").write_text("path,caption\np.png,a photo\nswir.tif,a field\n")
+    with pytest.raises(DataError, match=r"swir.tif \(B08, B11\) has 2 bands; this model takes 3 \(R, G, B\)"):
+        CaptionSource(read_caption_file(tmp_path / "swir.csv"))[1]
 
 
 # -- model pieces ---------------------------------------------------------------------------------------------------
@@ -162,7 +166,7 @@ def test_stage_text_trains_checkpoints_and_resumes_exactly(tmp_path, chips, monk
     full, resumed = _rows(full_dir), _rows(resumed_dir)
     assert sorted(resumed) == [0, 1, 2, 3]
     for step in range(4):
-        for key in ("loss", "logit_scale", "acc_i2t"):
+        for key in ("loss", "log_scale", "acc_i2t"):
             assert resumed[step][key] == full[step][key], (step, key)
     assert all(math.isfinite(r["loss"]) for r in full.values())
 
@@ -251,3 +255,65 @@ def test_short_alignment_run_segments_textures_well_above_chance(tmp_path):
     chance = 1 / 7
     print(f"mIoU {miou:.3f} (per class {np.round(inter / union, 3).tolist()}), chance {chance:.3f}")
     assert miou > 3 * chance, miou
+
+
+# -- honest metrics -------------------------------------------------------------------------------------------------
+def test_retrieval_accuracy_counts_identical_captions_as_one_class():
+    from geodino.text.dinotxt import get_tokenizer
+    from geodino.text.stage import retrieval_accuracy
+
+    tokens = get_tokenizer(77)(["water", "water", "forest", "fields"])
+    # image 1 retrieves caption 0 ("water" too): right; image 3 retrieves caption 2 ("forest"): wrong
+    sim = torch.tensor([[9.0, 1, 0, 0], [8, 2, 0, 0], [0, 0, 9, 5], [0, 0, 9, 1]])
+    i2t, t2i = retrieval_accuracy(sim, tokens)
+    assert i2t == 0.75
+    # captions 0 and 1 both retrieve image 0 (a "water" image): right; caption 3 retrieves image 2: wrong
+    assert t2i == 0.75
+
+
+def test_text_run_metrics_reach_full_retrieval_on_memorised_distinct_captions(tmp_path):
+    """Four chips of distinct colour with distinct captions, one batch of all four every step: the logged retrieval
+    accuracy reaches 1.0, the logged log_scale is the learned parameter (ln of the multiplier), and no teacher
+    settings are logged."""
+    from fakes.synthetic import write_geotiff
+    from geodino.train.run import run_train
+
+    colours = [(0.8, 0.1, 0.1, 0.2), (0.1, 0.8, 0.1, 0.6), (0.1, 0.1, 0.8, 0.1), (0.7, 0.7, 0.7, 0.9)]
+    rows = ["path,caption"]
+    for i, (c, name) in enumerate(zip(colours, ["red roofs", "green fields", "blue lake", "white snow"])):
+        img = (np.array(c)[:, None, None] * np.ones((4, 32, 32)) * 10000).astype(np.uint16)
+        write_geotiff(tmp_path / f"c{i}.tif", img, nodata=None)
+        rows.append(f"c{i}.tif,{name}")
+    (tmp_path / "caps.csv").write_text("\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    run_train(_cfg(run_dir, tmp_path / "caps.csv", "train.iterations=40", "train.checkpoint_every=40",
+                   "stage.optim.lr=3e-3", "stage.crops.scale=[1.0,1.0]"))
+    rows = _rows(run_dir)
+    last = rows[39]
+    assert last["acc_i2t"] == 1.0 and last["acc_t2i"] == 1.0, last
+    assert "momentum" not in last and "teacher_temp" not in last and "logit_scale" not in last
+    first = rows[0]
+    assert 0.0 <= last["log_scale"] <= math.log(100)
+    assert first["log_scale"] == pytest.approx(math.log(1 / 0.07), abs=0.05)  # the initial parameter, not exp() of it
+
+
+def test_freeze_token_embedding_keeps_the_word_table_and_trains_the_rest(tmp_path, chips):
+    from geodino.train.run import run_train
+
+    run_train(_cfg(tmp_path / "run", chips, "train.iterations=2", "train.checkpoint_every=1",
+                   "stage.text.freeze_token_embedding=true"))
+    first = torch.load(tmp_path / "run" / "checkpoints" / "step_00000001.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002.pt", weights_only=False)
+    a, b = first["models"]["meta_arch"], last["models"]["meta_arch"]
+    assert torch.equal(a["model.text_model.token_embedding.weight"], b["model.text_model.token_embedding.weight"])
+    assert not torch.equal(a["model.text_model.positional_embedding"], b["model.text_model.positional_embedding"])
+    assert last["dinotxt"]["config"]["freeze_token_embedding"] is True
+
+    from geodino.text.stage import TextStage
+    from geodino.train.distributed import DistInfo
+
+    dist = DistInfo(0, 1, 0, torch.device("cpu"), True)
+    frozen = TextStage(_cfg(tmp_path / "p", chips, "stage.text.freeze_token_embedding=true"), dist).build()
+    names = [n for g in frozen.meta_arch.param_groups() for n in g["names"]]
+    assert "text.positional_embedding" in names and not any("token_embedding" in n for n in names)
+    assert "trainable=0.13M" in frozen.describe  # of 1.71M with the 49408 x 32 table (test_stage_text... log)

@@ -3,8 +3,11 @@
 * :func:`sample_sat_path` -- a 256 x 256 px, 13-band Sentinel-2 L1C GeoTIFF (uint16, 10 m,
   UTM 18N, nodata 0), bands in :data:`SENTINEL2_BANDS` order.
 * :func:`sample_nat_dir` / :func:`sample_nat_paths` -- six small RGB JPEG photographs.
+* :func:`sample_captions_path` -- ``captions/captions.jsonl``: 50 13-band chips of the Sentinel-2 sample's top half
+  with land-cover captions (``data=sample_captions``); :func:`sample_ov_dir` -- ``ov/``: its bottom half with
+  per-pixel land-cover labels in the ``geodino eval ov`` layout (rule: :mod:`geodino.data.sample.landcover`).
 
-Rebuild them with ``python scripts/make_sample_data.py``.
+Rebuild them with ``python scripts/make_sample_data.py`` and ``python scripts/make_sample_captions.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ __all__ = [
     "sample_nat_dir",
     "sample_nat_paths",
     "sample_files",
+    "sample_captions_path",
+    "sample_ov_dir",
 ]
 
 #: Band names in file order (band 1 .. 13 of the GeoTIFF).
@@ -72,3 +77,21 @@ def sample_nat_dir() -> Path:
 def sample_files() -> list[Path]:
     """Every sample data file: the Sentinel-2 GeoTIFF first, then the photos (sorted)."""
     return [sample_sat_path(), *sample_nat_paths()]
+
+
+def sample_captions_path() -> Path:
+    """The caption file of the packaged caption sample (``captions/captions.jsonl``, chips beside it)."""
+    path = _DIR / "captions" / "captions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"caption sample is missing: {path} (reinstall geodino or rebuild it with "
+                                "`python scripts/make_sample_captions.py`)")
+    return path
+
+
+def sample_ov_dir() -> Path:
+    """The labelled open-vocabulary folder of the sample (``ov/``: classes.txt, images/, labels/)."""
+    path = _DIR / "ov"
+    if not (path / "classes.txt").is_file():
+        raise FileNotFoundError(f"open-vocabulary sample is missing: {path} (reinstall geodino or rebuild it with "
+                                "`python scripts/make_sample_captions.py`)")
+    return path
