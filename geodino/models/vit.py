@@ -531,7 +531,8 @@ class DinoVisionTransformer(Backbone, nn.Module):
     def _ropes(self, hw_list: list[tuple[int, int]], cache: dict | None) -> list[Rope]:
         # Without augmentation the tables are deterministic: compute once per forward and shape (cache dict).
         # With augmentation in training, every call draws anew, as the reference does per block and per group.
-        if cache is None:
+        # Symbolic sizes (torch.export / ONNX with a dynamic height and width) are not hashable: no cache then.
+        if cache is None or not all(type(v) is int for hw in hw_list for v in hw):
             return [self.rope_embed(H=H, W=W) for H, W in hw_list]
         out = []
         for hw in hw_list:
