@@ -576,6 +576,8 @@ SEGMENT: dict[str, Entry] = {
     "preview": Bool(),
     "preview_size": Int(ge=1),
     "gdal_cache_mb": Int(ge=1),
+    "format": OneOf("cog", "gtiff"),  # geodino.segment.run.FORMATS
+    "vector": Bool(),
 }
 
 CURATE: dict[str, Entry] = {
