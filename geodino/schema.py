@@ -366,6 +366,7 @@ TRAIN: dict[str, Entry] = {
     "train.prefetch_factor": Int(ge=1),
     "train.data_wait_warn": Float(ge=0, le=1, note="0: never warn"),
     "train.log_every": Int(ge=1),
+    "train.loggers": one_or_list(OneOf("jsonl", "tensorboard"), min_len=1),  # geodino.runs.LOGGERS
     "train.checkpoint_every": Int(ge=0, note="0: no checkpoints"),
     "train.keep_last": Int(ge=0, note="0: keep every checkpoint"),
     "train.precision": OneOf("auto", "fp32", "bf16"),
