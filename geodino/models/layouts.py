@@ -8,6 +8,10 @@
   ``layer_scale1.lambda1``, ``mlp.up/down[/gate]_proj``); an HF folder is ``config.json`` (``model_type:
   dinov3_vit``) + ``model.safetensors``, what ``DINOv3ViTModel.from_pretrained(<folder>)`` reads.
 
+ConvNeXt: timm's ``convnext_*`` (``stem``, ``stages.i.downsample`` / ``blocks.j.conv_dw`` / ``mlp.fc1``,
+``head.norm``) and transformers' ``DINOv3ConvNextModel`` (``[model.]stages.i.downsample_layers`` / ``layers.j``,
+``layer_norm``).
+
 `detect_layout(sd)` tells them apart by their keys; `to_official` / `from_official` rename (and split / fuse qkv).
 The tables are written here because neither library converts back to the official layout (timm's
 ``checkpoint_filter_fn`` only maps official -> timm, onto a built model; transformers ships a one-way conversion
@@ -48,8 +52,11 @@ def detect_layout(sd: dict) -> str:
     """``official``, ``timm`` or ``hf``, from the keys (an unknown layout reads as ``official``: the strict load
     then names the keys at fault)."""
     keys = list(sd)
-    if any(k.startswith("embeddings.patch_embeddings.") for k in keys):
+    if any(k.startswith("embeddings.patch_embeddings.") for k in keys) or \
+            any(re.match(r"(model\.)?stages\.0\.downsample_layers\.0\.", k) for k in keys):
         return "hf"
+    if "stem.0.weight" in sd and any(".blocks.0.conv_dw." in k for k in keys):
+        return "timm"
     if "reg_token" in sd or any(re.search(r"\.(gamma_[12]|attn\.[qv]_bias|mlp\.fc1_[gx]\.weight)$", k) for k in keys):
         return "timm"
     if "cls_token" in sd and "patch_embed.proj.weight" in sd and "mask_token" not in sd and "storage_tokens" not in sd \
@@ -91,7 +98,59 @@ def to_official(sd: dict[str, torch.Tensor], layout: str | None = None, source: 
     raise CheckpointError(f"unknown weight layout '{layout}'; known: {', '.join(LAYOUTS)}")
 
 
+def _timm_convnext_to_official(sd: dict, source: str) -> dict:
+    out, dropped = {}, []
+    for k, v in sd.items():
+        if k.startswith("head.") and not k.startswith("head.norm."):
+            dropped.append(k)
+            continue
+        k = re.sub(r"^stem\.", "downsample_layers.0.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.", r"stages.\1.", k)
+        k = k.replace(".conv_dw.", ".dwconv.").replace(".mlp.fc1.", ".pwconv1.").replace(".mlp.fc2.", ".pwconv2.")
+        if k.startswith("head.norm."):
+            k = k[len("head."):]
+        if k.endswith(("pwconv1.weight", "pwconv2.weight")) and v.ndim == 4:  # timm's conv_mlp variant: 1x1 convs
+            v = v[:, :, 0, 0]
+        out[k] = v
+    if dropped:
+        log.info("%s: timm keys with no official counterpart dropped: %s", source, ", ".join(dropped[:6]))
+    return _with_convnext_norms(out)
+
+
+def _with_convnext_norms(out: dict) -> dict:
+    """The official files hold the final norm twice (``norm.*`` and ``norms.3.*``, one module)."""
+    for part in ("weight", "bias"):
+        if f"norm.{part}" in out:
+            out[f"norms.3.{part}"] = out[f"norm.{part}"]
+    return out
+
+
+def _hf_convnext_to_official(sd: dict, source: str) -> dict:
+    out = {}
+    for k, v in sd.items():
+        k0 = k
+        k = re.sub(r"^model\.", "", k)
+        m = re.match(r"stages\.(\d+)\.downsample_layers\.(\d+)\.(.+)$", k)
+        if m:
+            out[f"downsample_layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"] = v
+            continue
+        m = re.match(r"stages\.(\d+)\.layers\.(\d+)\.(.+)$", k)
+        if m:
+            rest = m.group(3).replace("depthwise_conv", "dwconv").replace("layer_norm", "norm") \
+                .replace("pointwise_conv1", "pwconv1").replace("pointwise_conv2", "pwconv2")
+            out[f"stages.{m.group(1)}.{m.group(2)}.{rest}"] = v
+            continue
+        if k.startswith("layer_norm."):
+            out["norm." + k.split(".", 1)[1]] = v
+            continue
+        raise CheckpointError(f"{source}: Hugging Face ConvNeXt key {k0} has no official counterpart")
+    return _with_convnext_norms(out)
+
+
 def _timm_to_official(sd: dict, source: str) -> dict:
+    if "stem.0.weight" in sd:
+        return _timm_convnext_to_official(sd, source)
     out, dropped = {}, []
     swiglu = any(".mlp.fc1_g." in k for k in sd)
     for k, v in sd.items():
@@ -124,6 +183,8 @@ def _timm_to_official(sd: dict, source: str) -> dict:
 
 
 def _hf_to_official(sd: dict, source: str) -> dict:
+    if any(re.match(r"(model\.)?stages\.", k) for k in sd):
+        return _hf_convnext_to_official(sd, source)
     sd = {re.sub(r"^model\.layer\.", "layer.", k): v for k, v in sd.items()}
     out: dict[str, torch.Tensor] = {}
     top = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
@@ -206,8 +267,64 @@ def _ffn(sd: dict, dim: int) -> tuple[bool, int]:
     return swiglu, int(sd["blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[0])
 
 
+def _convnext_sizes(sd: dict) -> tuple[list[int], list[int], int]:
+    dims = [int(sd[f"downsample_layers.{i}.{0 if i == 0 else 1}.weight"].shape[0]) for i in range(4)]
+    depths = [len(_blocks(sd, f"stages.{i}.")) for i in range(4)]
+    return dims, depths, int(sd["downsample_layers.0.0.weight"].shape[1])
+
+
+def _official_convnext_to_timm(sd: dict, kwargs: dict, name: str) -> tuple[dict, str, dict]:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("norms."):
+            continue
+        k = re.sub(r"^downsample_layers\.0\.", "stem.", k)
+        k = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", k)
+        k = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
+        k = k.replace(".dwconv.", ".conv_dw.").replace(".pwconv1.", ".mlp.fc1.").replace(".pwconv2.", ".mlp.fc2.")
+        if k.startswith("norm."):
+            k = "head." + k
+        out[k] = v
+    dims, depths, in_chans = _convnext_sizes(sd)
+    size = name.rsplit("_", 1)[-1] if name.startswith("dinov3_convnext_") else "tiny"
+    ls = float(kwargs.get("layer_scale_init_value", 1e-6)) if "stages.0.0.gamma" in sd else None
+    return out, f"convnext_{size}", {"depths": depths, "dims": dims, "in_chans": in_chans, "ls_init_value": ls,
+                                     "num_classes": 0}
+
+
+def _official_convnext_to_hf(sd: dict, kwargs: dict) -> tuple[dict, dict]:
+    out = {}
+    dims, depths, in_chans = _convnext_sizes(sd)
+    for k, v in sd.items():
+        if k.startswith("norms."):
+            continue
+        m = re.match(r"downsample_layers\.(\d+)\.(\d+)\.(.+)$", k)
+        if m:
+            out[f"stages.{m.group(1)}.downsample_layers.{m.group(2)}.{m.group(3)}"] = v
+            continue
+        m = re.match(r"stages\.(\d+)\.(\d+)\.(.+)$", k)
+        if m:
+            rest = m.group(3).replace("dwconv", "depthwise_conv").replace("norm", "layer_norm") \
+                .replace("pwconv1", "pointwise_conv1").replace("pwconv2", "pointwise_conv2")
+            out[f"stages.{m.group(1)}.layers.{m.group(2)}.{rest}"] = v
+            continue
+        if k.startswith("norm."):
+            out["layer_norm." + k.split(".", 1)[1]] = v
+    for i, dim in enumerate(dims):  # HF always has layer scale: identity (ones) for a backbone without one
+        for j in range(depths[i]):
+            out.setdefault(f"stages.{i}.layers.{j}.gamma", torch.ones(dim))
+    config = {"architectures": ["DINOv3ConvNextModel"], "model_type": "dinov3_convnext", "hidden_sizes": dims,
+              "depths": depths, "num_channels": in_chans, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+              "layer_scale_init_value": float(kwargs.get("layer_scale_init_value") or 1.0), "drop_path_rate": 0.0,
+              "image_size": 224, "torch_dtype": "float32"}
+    return out, config
+
+
 def official_to_timm(sd: dict[str, torch.Tensor], kwargs: dict, name: str = "") -> tuple[dict, str, dict]:
-    """(timm state dict, timm architecture, timm ``model_args``) of an official-layout ViT built with `kwargs`."""
+    """(timm state dict, timm architecture, timm ``model_args``) of an official-layout ViT or ConvNeXt built with
+    `kwargs`."""
+    if "downsample_layers.0.0.weight" in sd:
+        return _official_convnext_to_timm(sd, kwargs, name)
     _vit_checks(sd, kwargs, "timm's DINOv3 Eva")
     if kwargs.get("norm_layer", "layernormbf16") != "layernormbf16":
         raise CheckpointError(f"timm's DINOv3 models use LayerNorm eps 1e-5; this backbone has norm_layer="
@@ -246,7 +363,9 @@ def official_to_timm(sd: dict[str, torch.Tensor], kwargs: dict, name: str = "") 
 
 
 def official_to_hf(sd: dict[str, torch.Tensor], kwargs: dict) -> tuple[dict, dict]:
-    """(HF state dict, HF ``config.json`` dict) of an official-layout ViT built with `kwargs`."""
+    """(HF state dict, HF ``config.json`` dict) of an official-layout ViT or ConvNeXt built with `kwargs`."""
+    if "downsample_layers.0.0.weight" in sd:
+        return _official_convnext_to_hf(sd, kwargs)
     _vit_checks(sd, kwargs, "transformers' DINOv3ViTModel")
     dim = int(sd["cls_token"].shape[-1])
     depth = len(_blocks(sd, "blocks."))
@@ -332,9 +451,11 @@ def folder_overrides(path: Path, layout: str) -> dict:
     """Constructor kwargs the folder's config says and the weights cannot (heads, RoPE base, norm eps, rescale)."""
     d = json.loads((Path(path) / "config.json").read_text())
     if layout == "hf":
+        if str(d.get("model_type")) == "dinov3_convnext":
+            return {}  # every size is in the weights
         if str(d.get("model_type")) != "dinov3_vit":
             raise CheckpointError(f"{path}: model_type {d.get('model_type')}; geodino reads transformers' dinov3_vit "
-                                  "folders")
+                                  "and dinov3_convnext folders")
         kw = {"num_heads": int(d.get("num_attention_heads", 12)), "pos_embed_rope_base": float(d.get("rope_theta", 100.0)),
               "img_size": int(d.get("image_size", 224))}
         eps = float(d.get("layer_norm_eps", 1e-5))

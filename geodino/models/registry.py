@@ -108,6 +108,9 @@ def canonical_name(name) -> str:
     base, _, tag = t.partition(".")
     if base in _TIMM_ALIASES and tag in ("", "lvd1689m"):
         return _TIMM_ALIASES[base]
+    m = re.fullmatch(r"convnext_(tiny|small|base|large)\.dinov3_lvd1689m", n)
+    if m:
+        return f"dinov3_convnext_{m.group(1)}"
     m = re.fullmatch(r"(?:[\w-]+/)?dinov3-([a-z0-9]+(?:-[a-z]+)?)-pretrain-(lvd1689m|sat493m)", n)
     if m:
         cand = "dinov3_" + m.group(1).replace("-", "_") + ("_sat493m" if m.group(2) == "sat493m" else "")

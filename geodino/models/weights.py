@@ -278,19 +278,20 @@ def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official", **
     if fmt in FOLDER_FORMATS:
         contract = getattr(model, "geodino_contract", None)
         kwargs = dict(contract.kwargs) if contract is not None else {}
-        if contract is None or contract.family != "vit":
-            raise CheckpointError(f"format={fmt} exports DINOv3 ViTs; this backbone is "
-                                  f"{contract.family if contract is not None else type(model).__name__}")
+        if contract is None or contract.family not in ("vit", "convnext"):
+            raise CheckpointError(f"format={fmt} exports DINOv3 ViTs and ConvNeXts with a geodino contract; this "
+                                  f"backbone is {contract.family if contract is not None else type(model).__name__}")
         need = sum(v.numel() * v.element_size() for v in sd.values())
         meta = {"format": "pt", **_contract_meta(model)}
         if fmt == "timm":
             tsd, arch, model_args = layouts.official_to_timm(sd, kwargs, contract.name)
             size = (contract.in_chans, int(kwargs.get("img_size", 224)), int(kwargs.get("img_size", 224)))
-            config = {"architecture": arch, "num_classes": 0, "num_features": int(sd["cls_token"].shape[-1]),
-                      "global_pool": "token", "model_args": model_args,
+            config = {"architecture": arch, "num_classes": 0, "num_features": int(model.embed_dim),
+                      "global_pool": "token" if contract.family == "vit" else "avg", "model_args": model_args,
                       "pretrained_cfg": {"input_size": list(size), "mean": list(contract.mean), "std": list(contract.std),
                                          "crop_pct": 1.0, "interpolation": "bicubic", "num_classes": 0,
-                                         "first_conv": "patch_embed.proj", "classifier": "head",
+                                         "first_conv": "patch_embed.proj" if contract.family == "vit" else "stem.0",
+                                         "classifier": "head" if contract.family == "vit" else "head.fc",
                                          "license": "dinov3-license"}}
             _write_folder(out, {"config.json": config, layouts.WEIGHTS_NAME: ({k: v.contiguous() for k, v in tsd.items()}, meta)}, need)
         else:

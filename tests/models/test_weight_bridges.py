@@ -134,8 +134,51 @@ def test_what_a_layout_cannot_hold_is_refused_by_name(tmp_path):
         with pytest.raises(CheckpointError, match="untie_cls_and_patch_norms"):
             export_backbone(model, tmp_path / fmt, fmt)
         assert not (tmp_path / fmt).exists()
-    with pytest.raises(CheckpointError, match="exports DINOv3 ViTs"):
-        export_backbone(build_backbone("geodino_convnext_tiny"), tmp_path / "c", "hf")
+    bare = build_backbone("geodino_convnext_tiny")
+    del bare.geodino_contract
+    with pytest.raises(CheckpointError, match="with a geodino contract"):
+        export_backbone(bare, tmp_path / "c", "hf")
+
+
+# -- ConvNeXt ------------------------------------------------------------------------------------------------------
+def _convnext_outputs(model, x):
+    out = model.forward_features(x)
+    return out["x_norm_clstoken"], out["x_norm_patchtokens"]
+
+
+def test_a_timm_convnext_loads_and_exports_with_its_features(tmp_path):
+    ref = _randomize(timm.create_model("convnext_tiny", depths=[1, 1, 2, 1], dims=[24, 48, 96, 96], num_classes=0,
+                                       in_chans=4))
+    x = torch.randn(2, 4, 64, 96)
+    save_file(ref.state_dict(), str(tmp_path / "timm.safetensors"))
+    with torch.no_grad():
+        pooled, maps = ref(x), ref.head.norm(ref.forward_features(x))
+        model = load_backbone(tmp_path / "timm.safetensors")
+        assert model.geodino_contract.name == "geodino_convnext_tiny"
+        cls, patches = _convnext_outputs(model, x)
+        assert (cls - pooled).abs().max().item() <= TOL
+        assert (patches - maps.flatten(2).transpose(1, 2)).abs().max().item() <= TOL
+        out = export_backbone(model, tmp_path / "timm_dir", "timm")
+        theirs = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        assert (theirs(x) - cls).abs().max().item() <= TOL
+    assert canonical_name("convnext_base.dinov3_lvd1689m") == "dinov3_convnext_base"
+
+
+def test_an_hf_convnext_loads_and_exports_with_its_features(tmp_path):
+    tr = _hf()
+    cfg = tr.DINOv3ConvNextConfig(hidden_sizes=[24, 48, 96, 96], depths=[1, 1, 2, 1], num_channels=3)
+    ref = _randomize(tr.DINOv3ConvNextModel(cfg))
+    ref.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = ref(pixel_values=x).last_hidden_state  # [pooled, patches] after the final norm
+        model = load_backbone(tmp_path / "hf")
+        cls, patches = _convnext_outputs(model, x)
+        assert (torch.cat([cls[:, None], patches], 1) - want).abs().max().item() <= TOL
+        out = export_backbone(model, tmp_path / "hf_out", "hf")
+        theirs, info = tr.DINOv3ConvNextModel.from_pretrained(out, output_loading_info=True)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        assert (theirs.eval()(pixel_values=x).last_hidden_state - want).abs().max().item() <= TOL
 
 
 def test_geodino_export_writes_timm_and_hf_folders_and_replaces_them_only_with_overwrite(tmp_path, capsys):
