@@ -174,7 +174,8 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
         name = canonical_name(name)
         model = build_backbone(name, in_chans=None, device="cpu", **overrides)
         if weights is not None:
-            sd, _, _ = read_weights(weights)
+            sd, meta, _ = read_weights(weights)
+            _check_folder_config(model, meta.get("overrides") or {}, weights)
             load_weights_into(model, fill_derived(sd, model), source=f"weights file {weights}")
         else:
             log.warning("backbone %s loaded without weights=: its weights are RANDOM (the official initialisation, "
@@ -197,6 +198,16 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
     if in_chans is not None and int(in_chans) != contract.in_chans:
         model = adapt_bands(model, int(in_chans), bands, rgb_indices)
     return model.to(device).eval()
+
+
+def _check_folder_config(model: nn.Module, said: dict, source) -> None:
+    """A timm / HF folder's config must agree with the named architecture on what its weights cannot show (heads,
+    RoPE base, norm): else the load would succeed and compute something else."""
+    kwargs = model.geodino_contract.kwargs
+    differ = [f"{k}={v!r} (the name says {kwargs.get(k)!r})" for k, v in said.items() if k in kwargs and kwargs[k] != v]
+    if differ:
+        raise CheckpointError(f"{source}: its config.json says {', '.join(differ)}; load it by its path alone "
+                              f"(load_backbone('{source}')) or pass the matching name")
 
 
 def read_geodino_backbone(path: Path, which: str = "teacher", **overrides) -> tuple[Contract, dict]:

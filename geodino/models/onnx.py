@@ -57,7 +57,7 @@ def export_onnx(model: nn.Module, out: str | Path, image_size: int | None = None
     out = Path(out)
     meta = {"geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
     with atomic_output(out) as tmp:
-        dynamic = _export(wrapper, example, tmp, opset, dynamic_size)
+        dynamic = _export(wrapper, example, tmp, opset, dynamic_size, stride)
         meta["dynamic_size"] = json.dumps(dynamic)
         if not dynamic:
             meta["input_size"] = json.dumps([in_chans, size, size])
@@ -65,7 +65,8 @@ def export_onnx(model: nn.Module, out: str | Path, image_size: int | None = None
     return out
 
 
-def _export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_size: bool) -> bool:
+def _export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_size: bool,
+            stride: int) -> bool:
     """Export with a dynamic batch (and size when asked and possible); True when height / width are dynamic."""
     from torch.export import Dim
 
@@ -73,7 +74,6 @@ def _export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, d
     attempts = []
     if dynamic_size:
         # sizes as multiples of the token stride so that the exporter can prove the patch grid divides evenly
-        stride = example.shape[-1] // 4
         gh, gw = Dim("grid_h", min=1, max=1024), Dim("grid_w", min=1, max=1024)
         attempts.append(({"pixel_values": {0: batch, 2: stride * gh, 3: stride * gw}}, True))
     attempts.append(({"pixel_values": {0: batch}}, False))

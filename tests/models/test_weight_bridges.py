@@ -108,6 +108,12 @@ def test_an_hf_folder_and_file_load_with_the_features_of_the_hf_model(tmp_path, 
         model = load_backbone("geodino_vit_tiny" if not gated else tmp_path / "hf" / "model.safetensors",
                               weights=tmp_path / "hf" / "model.safetensors")
         assert (_geodino_tokens(model, x) - want).abs().max().item() <= TOL
+    if not gated:  # a folder's config must agree with the name on what the weights cannot show
+        assert load_backbone("geodino_vit_tiny", weights=tmp_path / "hf").geodino_contract.kwargs["num_heads"] == 3
+        from geodino.errors import CheckpointError
+
+        with pytest.raises(CheckpointError, match=r"num_heads=3 \(the name says 2\)"):
+            load_backbone("geodino_vit_tiny", weights=tmp_path / "hf", num_heads=2)
 
 
 def test_a_geodino_backbone_exports_to_an_hf_folder_transformers_reads(tmp_path):
