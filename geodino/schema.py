@@ -620,6 +620,9 @@ EXPORT: dict[str, Entry] = {
     "which": OneOf("teacher", "student"),
     "out": PATH,
     "overwrite": Bool(),
+    "part": OneOf("backbone", "segmenter"),
+    "prompts": one_or_list(Str(), min_len=0),
+    "templates": Templates(),
 }
 
 # config groups, wherever a verb's config holds them (data=mix entries are data configs too)

@@ -39,9 +39,12 @@ class _Features(nn.Module):
 
 
 def export_onnx(model: nn.Module, out: str | Path, image_size: int | None = None, dynamic_size: bool = True,
-                opset: int = 18) -> Path:
+                opset: int = 18, graph: nn.Module | None = None, output_names: tuple[str, ...] = OUTPUT_NAMES,
+                metadata: dict[str, str] | None = None) -> Path:
     """Write `model`'s inference graph to `out` (atomically); returns `out`. `image_size` (default: 4 patches, the
-    export example) only shapes the example input."""
+    export example) only shapes the example input. `graph` (default: the backbone's cls and patch tokens) is another
+    module over ``pixel_values`` built on `model` (e.g. the segmenter's image side), with its `output_names`;
+    `metadata` adds ``metadata_props``."""
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
     except ImportError as e:
@@ -52,12 +55,13 @@ def export_onnx(model: nn.Module, out: str | Path, image_size: int | None = None
     size = int(image_size or 4 * stride)
     if size % stride:
         raise CheckpointError(f"image_size {size} is not a multiple of the backbone's token stride {stride}")
-    wrapper = _Features(model).eval()
-    example = torch.randn(2, in_chans, size, size)
+    wrapper = (graph if graph is not None else _Features(model)).eval()
+    first = next(iter(model.parameters()), None)
+    example = torch.randn(2, in_chans, size, size, device=first.device if first is not None else "cpu")
     out = Path(out)
-    meta = {"geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
+    meta = {"geodino_contract": json.dumps(contract.to_dict() if contract is not None else {}), **(metadata or {})}
     with atomic_output(out) as tmp:
-        dynamic = _export(wrapper, example, tmp, opset, dynamic_size, stride)
+        dynamic = _export(wrapper, example, tmp, opset, dynamic_size, stride, tuple(output_names))
         meta["dynamic_size"] = json.dumps(dynamic)
         if not dynamic:
             meta["input_size"] = json.dumps([in_chans, size, size])
@@ -66,7 +70,7 @@ def export_onnx(model: nn.Module, out: str | Path, image_size: int | None = None
 
 
 def _export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_size: bool,
-            stride: int) -> bool:
+            stride: int, output_names: tuple[str, ...]) -> bool:
     """Export with a dynamic batch (and size when asked and possible); True when height / width are dynamic."""
     from torch.export import Dim
 
@@ -82,7 +86,7 @@ def _export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, d
         for shapes, dyn in attempts:
             try:
                 torch.onnx.export(wrapper, (example,), str(path), input_names=[INPUT_NAME],
-                                  output_names=list(OUTPUT_NAMES), dynamic_shapes=shapes, opset_version=opset,
+                                  output_names=list(output_names), dynamic_shapes=shapes, opset_version=opset,
                                   dynamo=True, external_data=False, verbose=False)
                 return dyn
             except Exception as e:  # noqa: BLE001 -- a dynamic size the exporter cannot keep: fall back to fixed

@@ -34,8 +34,12 @@ def _sources(src: Path) -> list[Path]:
 def run_export(cfg) -> Path:
     src = Path(str(cfg.checkpoint)).expanduser()
     fmt = str(cfg.format)
+    part = str(cfg.get("part", "backbone"))
+    if part == "segmenter" and fmt != "onnx":
+        raise GeodinoError(f"part=segmenter exports the segmenter's image side as format=onnx, not format={fmt}")
     suffix = {"official": ".pth", "safetensors": ".safetensors", "onnx": ".onnx"}.get(fmt, f"_{fmt}")
-    out = Path(str(cfg.out)).expanduser() if cfg.out else (src if src.is_dir() else src.parent) / f"backbone_{cfg.which}{suffix}"
+    stem = "segmenter_image" if part == "segmenter" else f"backbone_{cfg.which}"
+    out = Path(str(cfg.out)).expanduser() if cfg.out else (src if src.is_dir() else src.parent) / f"{stem}{suffix}"
     sources = _sources(src) if src.exists() else []  # else load_backbone says what is wrong with checkpoint=
     if fmt in FOLDER_FORMATS:  # a folder: never the source or a folder holding it, and replaced only with overwrite
         if any(s.resolve() == out.resolve() or out.resolve() in s.resolve().parents for s in sources):
@@ -50,6 +54,20 @@ def run_export(cfg) -> Path:
             raise GeodinoError(f"out={out} is a training checkpoint's name in a run's checkpoints/ folder; "
                                "export the backbone to another file")
         check_outputs([out], overwrite=bool(cfg.get("overwrite", False)), what="out")
+    if part == "segmenter":
+        from omegaconf import OmegaConf
+
+        from geodino.segment.open_vocab import OpenVocabSegmenter
+
+        prompts = cfg.get("prompts") or []
+        prompts = [prompts] if isinstance(prompts, str) else list(OmegaConf.to_container(prompts) if
+                                                                   OmegaConf.is_config(prompts) else prompts)
+        templates = cfg.get("templates", "default")
+        if OmegaConf.is_config(templates):
+            templates = list(OmegaConf.to_container(templates))
+        OpenVocabSegmenter.from_checkpoint(str(src)).export_onnx(out, prompts=prompts or None, templates=templates)
+        print(f"wrote {out} (segmenter image side, onnx{f', {len(prompts)} class embeddings' if prompts else ''})")
+        return out
     model = load_backbone(src, which=str(cfg.which))
     export_backbone(model, out, fmt)
     n = sum(p.numel() for p in model.state_dict().values())
