@@ -170,7 +170,9 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
     call (`build_backbone` is the quiet way to start a model from scratch).
     """
     name = str(name_or_path)
-    if is_arch(name) and not Path(name).expanduser().exists():
+    # a registry name always means the registry; an alias (timm name, HF model id) only when no such path exists
+    # (an HF download folder is often named after the model id)
+    if name in ARCHS or (is_arch(name) and not Path(name).expanduser().exists()):
         name = canonical_name(name)
         model = build_backbone(name, in_chans=None, device="cpu", **overrides)
         if weights is not None:

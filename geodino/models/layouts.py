@@ -36,8 +36,6 @@ from geodino.models.registry import TIMM_ARCHS
 log = logging.getLogger("geodino")
 
 LAYOUTS = ("official", "timm", "hf")
-
-
 WEIGHTS_NAME = "model.safetensors"
 # training-time RoPE coordinate augmentation: official kwarg <-> HF config key
 _HF_ROPE_AUGMENTATION = (("pos_embed_rope_shift_coords", "pos_embed_shift"),
