@@ -1,8 +1,8 @@
 """geodino: the DINOv3 self-supervised stack for natural and Earth-observation imagery.
 
 Public API (imported lazily so `import geodino` and `geodino --help` stay light):
-`load_backbone`, `build_backbone`, `export_backbone` (geodino.models), `Contract` (geodino.contract) and
-`OpenVocabSegmenter` (geodino.segment.open_vocab).
+`load_backbone`, `build_backbone`, `export_backbone`, `transforms_for` (geodino.models), `Contract`
+(geodino.contract) and `OpenVocabSegmenter` (geodino.segment.open_vocab).
 """
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ _LAZY = {
     "load_backbone": ("geodino.models", "load_backbone"),
     "build_backbone": ("geodino.models", "build_backbone"),
     "export_backbone": ("geodino.models", "export_backbone"),
+    "transforms_for": ("geodino.models.transforms", "transforms_for"),
     "Contract": ("geodino.contract", "Contract"),
     "OpenVocabSegmenter": ("geodino.segment.open_vocab", "OpenVocabSegmenter"),
 }

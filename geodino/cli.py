@@ -23,7 +23,7 @@ VERBS: dict[str, str] = {
     "eval": "score a frozen backbone on an EO benchmark (loveda, geobench, canopy) or a dino.txt model (ov)",
     "segment": "open-vocabulary segmentation of a raster from text prompts",
     "curate": "data curation: band statistics, balanced sampling, retrieval",
-    "export": "export a checkpoint's backbone to the official DINOv3 layout or safetensors",
+    "export": "export a backbone: official DINOv3 layout, safetensors, timm or Hugging Face folder, ONNX",
     "info": "versions, devices, threads and where the configs live",
 }
 

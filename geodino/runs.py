@@ -3,6 +3,7 @@
 Layout (the same for train, eval and segment)::
     <run_dir>/config.yaml        the composed config, as run
     <run_dir>/metrics.jsonl      one JSON object per logged step
+    <run_dir>/tensorboard/       the same scalars as TensorBoard events (``train.loggers=[jsonl,tensorboard]``)
     <run_dir>/checkpoints/       training checkpoints (see geodino.train.checkpoint)
     <run_dir>/run.log            human-readable log
 """
@@ -208,6 +209,63 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+LOGGERS = ("jsonl", "tensorboard")
+
+
+class TensorBoardWriter:
+    """The numeric values of each metrics row as TensorBoard scalars at its ``step`` (torch's SummaryWriter; the
+    optional ``tensorboard`` package). A resumed run purges the events after its checkpoint, as the JSONL does."""
+
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise GeodinoError("train.loggers includes tensorboard, which is not installed: pip install tensorboard "
+                               "(or leave it out: train.loggers=[jsonl])") from e
+        with write_errors(Path(log_dir)):
+            self._w = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def write(self, row: dict) -> None:
+        step = int(row.get("step", 0))
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._w.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class MetricsLoggers:
+    """Fan-out of each metrics row to the run's loggers (`open_metrics`)."""
+
+    def __init__(self, writers: list):
+        self.writers = writers
+
+    def write(self, row: dict) -> None:
+        for w in self.writers:
+            w.write(row)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+def open_metrics(run_dir: str | Path, loggers=("jsonl",), truncate_after_step: int | None = None) -> MetricsLoggers:
+    """The metrics writers of a run: ``jsonl`` (``metrics.jsonl``) and / or ``tensorboard`` (``tensorboard/``)."""
+    names = list(loggers)
+    bad = [n for n in names if n not in LOGGERS]
+    if bad:
+        raise GeodinoError(f"unknown metrics logger(s) {', '.join(map(str, bad))}; choose from {', '.join(LOGGERS)}")
+    run_dir = Path(run_dir)
+    writers = []
+    if "jsonl" in names:
+        writers.append(MetricsWriter(run_dir / "metrics.jsonl", truncate_after_step=truncate_after_step))
+    if "tensorboard" in names:
+        writers.append(TensorBoardWriter(run_dir / "tensorboard",
+                                         None if truncate_after_step is None else truncate_after_step + 1))
+    return MetricsLoggers(writers)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -45,7 +45,7 @@ PAIRWISE_STAGES = {
 SENSORS = ("sentinel2", "landsat8", "landsat9", "naip")  # geodino.data.sources.raster.SENSOR_DATASETS
 TEMPLATE_SETS = ("default", "rs", "openai", "simple", "none")  # geodino.segment.open_vocab.TEMPLATES
 DENSE_HEADS = ("linear", "light_decoder", "decoder")  # geodino.eval.probes.build_dense_head
-EXPORT_FORMATS = ("official", "safetensors")  # geodino.models.weights.EXPORT_FORMATS
+EXPORT_FORMATS = ("official", "safetensors", "timm", "hf", "onnx")  # geodino.models.weights.EXPORT_FORMATS
 CURATE_ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")  # geodino.verbs.curate.ACTIONS
 LOVEDA_SCENES = ("urban", "rural")  # geodino.eval.datasets.loveda.SCENES
 
@@ -366,6 +366,7 @@ TRAIN: dict[str, Entry] = {
     "train.prefetch_factor": Int(ge=1),
     "train.data_wait_warn": Float(ge=0, le=1, note="0: never warn"),
     "train.log_every": Int(ge=1),
+    "train.loggers": one_or_list(OneOf("jsonl", "tensorboard"), min_len=1),  # geodino.runs.LOGGERS
     "train.checkpoint_every": Int(ge=0, note="0: no checkpoints"),
     "train.keep_last": Int(ge=0, note="0: keep every checkpoint"),
     "train.precision": OneOf("auto", "fp32", "bf16"),
@@ -584,6 +585,8 @@ SEGMENT: dict[str, Entry] = {
     "preview": Bool(),
     "preview_size": Int(ge=1),
     "gdal_cache_mb": Int(ge=1),
+    "format": OneOf("cog", "gtiff"),  # geodino.segment.run.FORMATS
+    "vector": Bool(),
 }
 
 CURATE: dict[str, Entry] = {
@@ -625,6 +628,9 @@ EXPORT: dict[str, Entry] = {
     "which": OneOf("teacher", "student"),
     "out": PATH,
     "overwrite": Bool(),
+    "part": OneOf("backbone", "segmenter"),
+    "prompts": one_or_list(Str(), min_len=0),
+    "templates": Templates(),
 }
 
 # config groups, wherever a verb's config holds them (data=mix entries are data configs too)

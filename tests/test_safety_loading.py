@@ -162,3 +162,30 @@ def test_a_failed_new_run_leaves_no_folder(tmp_path):
 
 def test_errors_are_geodino_errors():
     assert issubclass(RunFolderBusy, GeodinoError) and issubclass(CheckpointError, GeodinoError)
+
+
+def test_no_loader_in_geodino_unpickles_arbitrary_code():
+    """Static guard (issue #15): every torch.load passes weights_only=True, except `checkpoint.convert_legacy`, which
+    runs only on a file the user vouches for (``--trust``); no np.load allows pickles; hubconf.py loads through
+    load_backbone."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad = []
+    for path in [*sorted((root / "geodino").rglob("*.py")), root / "hubconf.py"]:
+        tree = ast.parse(path.read_text())
+        funcs = {id(n): f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            where = f"{path.relative_to(root)}:{node.lineno}"
+            if name == "torch.load" and kw.get("weights_only") != "True" and funcs.get(id(node)) != "convert_legacy":
+                bad.append(f"{where} torch.load without weights_only=True")
+            if name in ("np.load", "numpy.load") and kw.get("allow_pickle", "False") != "False":
+                bad.append(f"{where} np.load with allow_pickle")
+            if name in ("pickle.load", "pickle.loads"):
+                bad.append(f"{where} {name}")
+    assert not bad, bad

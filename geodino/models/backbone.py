@@ -11,11 +11,17 @@ training and evaluation need to know instead of guessing with ``getattr``:
   ConvNeXt), with ``layer_id(name)`` / ``n_layer_ids`` the reference's layer ids (``patch_embed`` and the learned
   tokens 0, ``blocks.i`` i + 1, the rest L + 1) and ``is_patch_embed(name)`` for the patch-embedding LR multiplier;
 - ``has_mask_token``: whether masked tokens can be fed (iBOT masking of the student).
+
+timm's surface, so that code written for timm models takes a geodino backbone: ``pretrained_cfg`` / ``default_cfg``
+(the data config, from the contract: `timm.data.resolve_data_config(model=...)` reads it), ``feature_info``
+(channels and reduction of each block / stage) and ``forward_intermediates`` with timm's signature (in each family).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
+
+_OUTPUT_FMTS = ("NCHW", "NLC")
 
 
 class Backbone:
@@ -39,6 +45,31 @@ class Backbone:
 
     def is_patch_embed(self, name: str) -> bool:
         return False
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's data config, from ``geodino_contract``: input size, mean / std over the contract's bands, no crop.
+        The scaling to [0, 1] (`contract.scale` / `offset`) is geodino's: `geodino.transforms_for(model)`."""
+        c = getattr(self, "geodino_contract", None)
+        size = int(c.kwargs.get("img_size", 224)) if c is not None else 224
+        in_chans = c.in_chans if c is not None else int(getattr(self, "in_chans", 3))
+        cfg = {"input_size": (in_chans, size, size), "crop_pct": 1.0, "crop_mode": "center",
+               "interpolation": "bicubic", "num_classes": 0, "classifier": "head",
+               "first_conv": "patch_embed.proj" if self.family == "vit" else "downsample_layers.0.0",
+               "fixed_input_size": False, "license": "dinov3-license"}
+        if c is not None:
+            cfg.update(mean=tuple(c.mean), std=tuple(c.std), architecture=c.name, bands=tuple(c.bands),
+                       scale=c.scale, offset=c.offset)
+        return cfg
+
+    @property
+    def default_cfg(self) -> dict:
+        return self.pretrained_cfg
+
+    @staticmethod
+    def _check_fmt(output_fmt: str) -> None:
+        if output_fmt not in _OUTPUT_FMTS:
+            raise ValueError(f"output_fmt must be one of {', '.join(_OUTPUT_FMTS)}, got {output_fmt!r}")
 
     def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | list | None = None):
         """Tensor in -> one output dict; list of crop groups (with a list of masks or None) -> list of dicts."""

@@ -19,9 +19,10 @@ from geodino.contract import Contract, default_band_names
 from geodino.data.bands import rgb_indices as find_rgb
 from geodino.errors import CheckpointError
 from geodino.models.convnext import ConvNeXtBlock, convnext
-from geodino.models.registry import ARCHS, arch, arch_names
+from geodino.models.layouts import fill_derived, folder_layout, to_official
+from geodino.models.registry import ARCHS, arch, arch_names, canonical_name, is_arch
 from geodino.models.vit import SelfAttentionBlock, dinov3_vit
-from geodino.models.weights import infer_arch, is_official_layout, load_weights_into, read_state_dict
+from geodino.models.weights import infer_arch, is_official_layout, load_weights_into, read_state_dict, read_weights
 
 log = logging.getLogger("geodino")
 
@@ -52,7 +53,9 @@ def default_contract(name: str, kwargs: dict) -> Contract:
 def build_backbone(name: str, in_chans: int | None = None, device: str | torch.device | None = None,
                    **overrides) -> nn.Module:
     """A backbone by name with random (official-scheme) init, done by the constructor (skipped on the
-    meta device); `overrides` change constructor kwargs."""
+    meta device); `overrides` change constructor kwargs. timm and Hugging Face names are aliases
+    (`registry.canonical_name`)."""
+    name = canonical_name(name)
     spec = arch(name)
     kwargs = {**spec["kwargs"], **overrides}
     if in_chans is not None:
@@ -146,7 +149,14 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
                   which: str = "teacher", device: str | torch.device = "cpu", **overrides) -> nn.Module:
     """A backbone by released name (optionally with a local weights file) or from a geodino file.
 
-    - `load_backbone("dinov3_vitl16_sat493m", weights="dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")`
+    - `load_backbone("dinov3_vitl16_sat493m", weights="dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")`; `weights`
+      may hold official, timm (``vit_*_patch16_dinov3``) or Hugging Face (``DINOv3ViTModel``) keys, told apart by
+      the keys (`layouts.detect_layout`), or be a timm / Hugging Face folder; timm names and Hugging Face model ids
+      are aliases of the registry names (``vit_large_patch16_dinov3.sat493m``, ``facebook/dinov3-vits16-pretrain-lvd1689m``)
+    - `load_backbone("hf_folder/")`, `load_backbone("timm_folder/")`, `load_backbone("model.safetensors")`: a
+      transformers / timm folder or a weights file in any of the three layouts; the architecture comes from the
+      folder's config or the keys, the normalisation from the folder (timm ``pretrained_cfg``, HF
+      ``preprocessor_config.json``) or the registry
     - `load_backbone("outputs/train/pretrain/<run>")` (a run directory, a `.pt` training checkpoint, a backbone
       file such as a distilled student, or a geodino-exported `.safetensors`); `which` picks the EMA teacher
       (default) or the student of a training checkpoint.
@@ -160,11 +170,15 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
     call (`build_backbone` is the quiet way to start a model from scratch).
     """
     name = str(name_or_path)
-    if name in ARCHS:
+    # a registry name always means the registry; an alias (timm name, HF model id) only when no such path exists
+    # (an HF download folder is often named after the model id)
+    if name in ARCHS or (is_arch(name) and not Path(name).expanduser().exists()):
+        name = canonical_name(name)
         model = build_backbone(name, in_chans=None, device="cpu", **overrides)
         if weights is not None:
-            sd, _ = read_state_dict(weights)
-            load_weights_into(model, sd, source=f"weights file {weights}")
+            sd, meta, _ = read_weights(weights)
+            _check_folder_config(model, meta.get("overrides") or {}, weights)
+            load_weights_into(model, fill_derived(sd, model), source=f"weights file {weights}")
         else:
             log.warning("backbone %s loaded without weights=: its weights are RANDOM (the official initialisation, "
                         "not the %s); pass weights=<local .pth or .safetensors> for a trained backbone", name,
@@ -180,33 +194,53 @@ def load_backbone(name_or_path: str | Path, weights: str | Path | None = None, i
         raise CheckpointError(f"unknown backbone '{name}': no such file or run directory, and not a known name ({', '.join(arch_names())})")
     contract, sd = read_geodino_backbone(path, which, **overrides)
     if weights is not None:
-        sd, _ = read_state_dict(weights)
+        sd, _, _ = read_weights(weights)
     model = backbone_from_contract(contract)
-    load_weights_into(model, sd, source=str(path))
+    load_weights_into(model, fill_derived(sd, model), source=str(path))
     if in_chans is not None and int(in_chans) != contract.in_chans:
         model = adapt_bands(model, int(in_chans), bands, rgb_indices)
     return model.to(device).eval()
 
 
+def _check_folder_config(model: nn.Module, said: dict, source) -> None:
+    """A timm / HF folder's config must agree with the named architecture on what its weights cannot show (heads,
+    RoPE base, norm): else the load would succeed and compute something else."""
+    kwargs = model.geodino_contract.kwargs
+    differ = [f"{k}={v!r} (the name says {kwargs.get(k)!r})" for k, v in said.items() if k in kwargs and kwargs[k] != v]
+    if differ:
+        raise CheckpointError(f"{source}: its config.json says {', '.join(differ)}; load it by its path alone "
+                              f"(load_backbone('{source}')) or pass the matching name")
+
+
 def read_geodino_backbone(path: Path, which: str = "teacher", **overrides) -> tuple[Contract, dict]:
-    """(contract, official-key weights) of a geodino-exported safetensors file, any geodino checkpoint file, or an
-    official-layout state dict (architecture from its keys: `official_contract`)."""
-    if path.suffix == ".safetensors":
-        sd, meta = read_state_dict(path)
+    """(contract, official-key weights) of a geodino-exported safetensors file or timm / HF folder (contract in the
+    metadata), any geodino checkpoint file, or a state dict / folder in the official, timm or Hugging Face layout
+    (architecture from the folder's config and the keys: `official_contract`)."""
+    if path.suffix in (".safetensors", ".bin") or (path.is_dir() and folder_layout(path)):
+        sd, meta, layout = read_weights(path)
         contract = meta.get("geodino_contract")
-        if not contract:
-            raise CheckpointError(f"{path} has no geodino contract in its metadata; pass a released name and weights={path}")
-        return Contract.from_dict(contract, where=str(path)), sd
+        if contract:
+            return Contract.from_dict(contract, where=str(path)), sd
+        contract = official_contract(sd, str(path), **{**meta.get("overrides", {}), **overrides})
+        norm = meta.get("normalisation")
+        if norm and len(norm[0]) == len(norm[1]) == contract.in_chans:
+            contract = contract.with_data(mean=norm[0], std=norm[1])
+        return contract, sd
     if path.is_file() and path.suffix == ".pth":  # the official layout's suffix: read it without running code
         try:
             sd, _ = read_state_dict(path)
         except CheckpointError:
             sd = None  # not a plain state dict: a geodino checkpoint saved under a .pth name
+        if isinstance(sd, dict) and sd and all(torch.is_tensor(v) for v in sd.values()):
+            sd = to_official(sd, source=str(path))
         if is_official_layout(sd):
             return official_contract(sd, str(path), **overrides), sd
     ckpt = Checkpoint.open(path)
-    if path.is_file() and not ckpt.has_contract and is_official_layout(ckpt.raw):
-        return official_contract(ckpt.raw, str(path), **overrides), ckpt.raw
+    if path.is_file() and not ckpt.has_contract and isinstance(ckpt.raw, dict) and ckpt.raw \
+            and all(torch.is_tensor(v) for v in ckpt.raw.values()):
+        sd = to_official(ckpt.raw, source=str(path))
+        if is_official_layout(sd):
+            return official_contract(sd, str(path), **overrides), sd
     if not ckpt.has_contract or not (ckpt.is_backbone_file or ckpt.is_training or ckpt.is_dinotxt):
         raise CheckpointError(f"{path} is not a geodino checkpoint (no 'models' / 'contract' entries)")
     return ckpt.contract, ckpt.backbone_state(which)

@@ -241,6 +241,41 @@ class DinoConvNeXt(Backbone, nn.Module):
         return patches
 
 
+    # -- timm's surface ----------------------------------------------------------------------------------------------
+    @property
+    def feature_info(self) -> list[dict]:
+        return [{"num_chs": d, "reduction": 4 * 2**i, "module": f"stages.{i}"} for i, d in enumerate(self.embed_dims)]
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``forward_intermediates`` over the 4 stages: each stage's map ``[B, C_i, H/s_i, W/s_i]`` (``NCHW``)
+        or ``[B, HW, C_i]`` (``NLC``), through ``norms[i]`` when `norm` (only stage 4 has a real norm). Returns the
+        list, or ``(final map after the final norm, list)``."""
+        from timm.models._features import feature_take_indices
+
+        self._check_fmt(output_fmt)
+        take, max_index = feature_take_indices(4, indices)
+        last = max_index if (intermediates_only or stop_early) else 3
+        out = []
+        for i in range(last + 1):
+            x = self.stages[i](self.downsample_layers[i](x))
+            if i in take:
+                t = x.flatten(2).transpose(1, 2)
+                t = self.norms[i](t) if norm else t
+                out.append(t if output_fmt == "NLC" else t.transpose(1, 2).reshape(x.shape))
+        if intermediates_only:
+            return out
+        final = self.norm(x.flatten(2).transpose(1, 2))
+        return (final if output_fmt == "NLC" else final.transpose(1, 2).reshape(x.shape)), out
+
+
 def convnext(size: str | None = None, **kwargs: Any) -> DinoConvNeXt:
     """Build a :class:`DinoConvNeXt`; ``size`` ('tiny'|'small'|'base'|'large') fills in depths and dims."""
     if size is not None:

@@ -9,6 +9,7 @@ The registry only names architectures and their default normalisation; building 
 from __future__ import annotations
 
 import copy
+import re
 
 from geodino.contract import IMAGENET_MEAN, IMAGENET_STD, SAT493M_MEAN, SAT493M_STD
 from geodino.errors import CheckpointError
@@ -79,16 +80,57 @@ RELEASED_PARAMS_M = {
 }
 
 
+# timm's names of the released ViTs (`vit_*_patch16_dinov3[_qkvb][.tag]`), accepted as aliases; the reverse map
+# names the timm architecture an export targets (geodino.models.layouts).
+TIMM_ARCHS = {
+    "dinov3_vits16": "vit_small_patch16_dinov3",
+    "dinov3_vits16plus": "vit_small_plus_patch16_dinov3",
+    "dinov3_vitb16": "vit_base_patch16_dinov3",
+    "dinov3_vitl16": "vit_large_patch16_dinov3",
+    "dinov3_vitl16_sat493m": "vit_large_patch16_dinov3",
+    "dinov3_vith16plus": "vit_huge_plus_patch16_dinov3",
+    "dinov3_vit7b16": "vit_7b_patch16_dinov3",
+    "dinov3_vit7b16_sat493m": "vit_7b_patch16_dinov3",
+}
+_TIMM_ALIASES = {t: n for n, t in TIMM_ARCHS.items() if not n.endswith("_sat493m")}
+_TIMM_ALIASES.update({f"{TIMM_ARCHS[n]}.sat493m": n for n in TIMM_ARCHS if n.endswith("_sat493m")})
+
+
+def canonical_name(name) -> str:
+    """The registry name behind an alias: timm's (``vit_large_patch16_dinov3_qkvb.sat493m``) or the Hugging Face
+    model id (``facebook/dinov3-vitl16-pretrain-sat493m``); other names come back unchanged."""
+    n = str(name)
+    if n in ARCHS:
+        return n
+    t = n.replace("_qkvb", "")
+    if t in _TIMM_ALIASES:
+        return _TIMM_ALIASES[t]
+    base, _, tag = t.partition(".")
+    if base in _TIMM_ALIASES and tag in ("", "lvd1689m"):
+        return _TIMM_ALIASES[base]
+    m = re.fullmatch(r"convnext_(tiny|small|base|large)\.dinov3_lvd1689m", n)
+    if m:
+        return f"dinov3_convnext_{m.group(1)}"
+    m = re.fullmatch(r"(?:[\w-]+/)?dinov3-([a-z0-9]+(?:-[a-z]+)?)-pretrain-(lvd1689m|sat493m)", n)
+    if m:
+        cand = "dinov3_" + m.group(1).replace("-", "_") + ("_sat493m" if m.group(2) == "sat493m" else "")
+        if cand in ARCHS:
+            return cand
+    return n
+
+
 def arch_names() -> list[str]:
     return sorted(ARCHS)
 
 
 def is_arch(name) -> bool:
-    return str(name) in ARCHS
+    return canonical_name(name) in ARCHS
 
 
 def arch(name: str) -> dict:
-    """The registry entry (family, constructor kwargs, default mean/std) of a named backbone."""
+    """The registry entry (family, constructor kwargs, default mean/std) of a named backbone (or an alias:
+    `canonical_name`)."""
+    name = canonical_name(name)
     if name not in ARCHS:
         close = [a for a in ARCHS if name.replace("dinov3_", "") in a]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

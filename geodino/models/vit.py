@@ -531,7 +531,8 @@ class DinoVisionTransformer(Backbone, nn.Module):
     def _ropes(self, hw_list: list[tuple[int, int]], cache: dict | None) -> list[Rope]:
         # Without augmentation the tables are deterministic: compute once per forward and shape (cache dict).
         # With augmentation in training, every call draws anew, as the reference does per block and per group.
-        if cache is None:
+        # Symbolic sizes (torch.export / ONNX with a dynamic height and width) are not hashable: no cache then.
+        if cache is None or not all(type(v) is int for hw in hw_list for v in hw):
             return [self.rope_embed(H=H, W=W) for H, W in hw_list]
         out = []
         for hw in hw_list:
@@ -623,13 +624,7 @@ class DinoVisionTransformer(Backbone, nn.Module):
         outputs = self._get_intermediate_layers_not_chunked(x, n)
         r = self.n_storage_tokens + 1
         if norm:
-            normed = []
-            for out in outputs:
-                if self.untie_cls_and_patch_norms:
-                    normed.append(torch.cat((self.cls_norm(out[:, :r]), self.norm(out[:, r:])), dim=1))
-                else:
-                    normed.append(self.norm(out))
-            outputs = normed
+            outputs = [self._norm_tokens(out) for out in outputs]
         class_tokens = [out[:, 0] for out in outputs]
         extra_tokens = [out[:, 1:r] for out in outputs]
         outputs = [out[:, r:] for out in outputs]
@@ -644,6 +639,55 @@ class DinoVisionTransformer(Backbone, nn.Module):
         if return_extra_tokens:
             return tuple(zip(outputs, extra_tokens))
         return tuple(outputs)
+
+
+    def _norm_tokens(self, tokens: Tensor) -> Tensor:
+        """The final norm at inference: ``cls_norm`` on the prefix tokens when untied, ``norm`` elsewhere."""
+        if self.untie_cls_and_patch_norms:
+            r = self.n_storage_tokens + 1
+            return torch.cat((self.cls_norm(tokens[:, :r]), self.norm(tokens[:, r:])), dim=1)
+        return self.norm(tokens)
+
+    # -- timm's surface ----------------------------------------------------------------------------------------------
+    @property
+    def feature_info(self) -> list[dict]:
+        return [{"num_chs": self.embed_dim, "reduction": self.patch_size, "module": f"blocks.{i}"}
+                for i in range(self.n_blocks)]
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``forward_intermediates``: the patch tokens after the blocks `indices` (int n: the last n; None:
+        all; negative indices count from the end), ``[B, D, H/p, W/p]`` (``NCHW``) or ``[B, HW, D]`` (``NLC``),
+        through the final norm when `norm`; with `return_prefix_tokens` each is ``(patches, [cls, storage])``.
+        Returns the list, or ``(final tokens [B, 1 + R + HW, D] after the final norm, list)``."""
+        from timm.models._features import feature_take_indices
+
+        self._check_fmt(output_fmt)
+        take, max_index = feature_take_indices(self.n_blocks, indices)
+        tokens, (h, w) = self.prepare_tokens_with_masks(x)
+        cache = None if (self.training and self.rope_embed.has_augmentation) else {}
+        last = max_index if (intermediates_only or stop_early) else self.n_blocks - 1
+        r = self.n_storage_tokens + 1
+        out = []
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            tokens = blk.forward_list([tokens], self._ropes([(h, w)], cache))[0]
+            if i in take:
+                t = self._norm_tokens(tokens) if norm else tokens
+                patches = t[:, r:]
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+                out.append((patches, t[:, :r]) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return out
+        return self._norm_tokens(tokens), out
 
 
 def dinov3_vit(**kwargs: Any) -> DinoVisionTransformer:

@@ -1,5 +1,6 @@
-"""Backbone weight files: reading (official ``.pth`` / ``.pt`` state dicts, safetensors), strict loading with
-errors that name the keys at fault, and writing the official layout or safetensors with the contract.
+"""Backbone weight files: reading (official ``.pth`` / ``.pt`` state dicts, safetensors; timm and Hugging Face
+layouts and folders through `geodino.models.layouts`), strict loading with errors that name the keys at fault, and
+writing the official layout, safetensors with the contract, a timm folder or a Hugging Face folder.
 
 Files are always local: a URL is refused, nothing is downloaded. ``.pth`` files are read with
 ``torch.load(weights_only=True)``, which cannot execute code.
@@ -17,8 +18,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from geodino.errors import CheckpointError
+from geodino.models import layouts
 from geodino.models.registry import ARCHS
-from geodino.outputs import atomic_output
+from geodino.outputs import atomic_output, write_errors
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,6 +59,25 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if obj and all(k.startswith("backbone.") for k in obj if isinstance(k, str)):
         obj = {k[len("backbone."):]: v for k, v in obj.items()}
     return obj, meta
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(official-layout state dict, metadata, layout it was in) of a weights file (official, timm or Hugging Face
+    keys, `.pth` / `.bin` / `.safetensors`) or a timm / Hugging Face folder (``config.json`` + weights). For a folder,
+    ``metadata["overrides"]`` holds the constructor kwargs its config states (`layouts.folder_overrides`) and
+    ``metadata["normalisation"]`` its (mean, std) when it states one."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        kind = layouts.folder_layout(p)
+        if kind is None:
+            raise CheckpointError(f"{p} is a folder with no timm or Hugging Face DINOv3 config.json")
+        sd, meta = read_state_dict(layouts.folder_weights(p))
+        meta = {**meta, "overrides": layouts.folder_overrides(p, kind),
+                "normalisation": layouts.folder_normalisation(p, kind)}
+    else:
+        sd, meta = read_state_dict(p)
+    layout = layouts.detect_layout(sd)
+    return layouts.to_official(sd, layout, str(p)), meta, layout
 
 
 def is_official_layout(sd) -> bool:
@@ -203,22 +224,88 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-EXPORT_FORMATS = ("official", "safetensors")
+EXPORT_FORMATS = ("official", "safetensors", "timm", "hf", "onnx")
+FOLDER_FORMATS = ("timm", "hf")  # written as a folder (config.json + model.safetensors)
 
 
-def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official") -> Path:
-    """Write a backbone as an official-layout ``.pth`` or a safetensors file with its contract in the metadata,
-    atomically (geodino.outputs: a full disk leaves no partial file and is one line)."""
+def _contract_meta(model: nn.Module) -> dict[str, str]:
+    contract = getattr(model, "geodino_contract", None)
+    return {"geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
+
+
+def _write_folder(out: Path, files: dict[str, object], needs_bytes: int) -> None:
+    """Write a model folder whole or not at all: into a temporary sibling, then renamed (an existing `out` is
+    replaced; the caller checked `overwrite`)."""
+    import os
+    import shutil
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with write_errors(out, needs_bytes):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for name, content in files.items():
+                if isinstance(content, tuple):  # (state dict, metadata) -> safetensors
+                    save_file(content[0], str(tmp / name), metadata=content[1])
+                else:
+                    (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official", **onnx_options) -> Path:
+    """Write a backbone, atomically (geodino.outputs: a full disk leaves no partial file and is one line), as
+
+    - ``official``: an official-layout ``.pth`` (flat state dict; no contract);
+    - ``safetensors``: official keys with the contract in the metadata;
+    - ``timm``: a folder ``timm.create_model("local-dir:<out>")`` reads (``config.json`` + ``model.safetensors``);
+    - ``hf``: a folder ``transformers.DINOv3ViTModel.from_pretrained(<out>)`` reads (same two files);
+    - ``onnx``: the inference graph (`geodino.models.onnx.export_onnx`; `onnx_options` go there).
+
+    The timm and HF files keep the contract in their safetensors metadata, so `load_backbone(<out>)` gets it back."""
     if fmt not in EXPORT_FORMATS:
-        raise CheckpointError(f"unknown export format '{fmt}'; choose {' or '.join(EXPORT_FORMATS)}")
+        raise CheckpointError(f"unknown export format '{fmt}'; choose one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
+    if fmt == "onnx":
+        from geodino.models.onnx import export_onnx
+
+        return export_onnx(model, out, **onnx_options)
     sd = official_state_dict(model)
+    if fmt in FOLDER_FORMATS:
+        contract = getattr(model, "geodino_contract", None)
+        kwargs = dict(contract.kwargs) if contract is not None else {}
+        if contract is None or contract.family not in ("vit", "convnext"):
+            raise CheckpointError(f"format={fmt} exports DINOv3 ViTs and ConvNeXts with a geodino contract; this "
+                                  f"backbone is {contract.family if contract is not None else type(model).__name__}")
+        need = sum(v.numel() * v.element_size() for v in sd.values())
+        meta = {"format": "pt", **_contract_meta(model)}
+        if fmt == "timm":
+            tsd, arch, model_args = layouts.official_to_timm(sd, kwargs, contract.name)
+            size = (contract.in_chans, int(kwargs.get("img_size", 224)), int(kwargs.get("img_size", 224)))
+            config = {"architecture": arch, "num_classes": 0, "num_features": int(model.embed_dim),
+                      "global_pool": "token" if contract.family == "vit" else "avg", "model_args": model_args,
+                      "pretrained_cfg": {"input_size": list(size), "mean": list(contract.mean), "std": list(contract.std),
+                                         "crop_pct": 1.0, "interpolation": "bicubic", "num_classes": 0,
+                                         "first_conv": "patch_embed.proj" if contract.family == "vit" else "stem.0",
+                                         "classifier": "head" if contract.family == "vit" else "head.fc",
+                                         "license": "dinov3-license"}}
+            _write_folder(out, {"config.json": config, layouts.WEIGHTS_NAME: ({k: v.contiguous() for k, v in tsd.items()}, meta)}, need)
+        else:
+            hsd, config = layouts.official_to_hf(sd, kwargs)
+            pre = {"image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": False, "do_center_crop": False,
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": list(contract.mean), "image_std": list(contract.std)}
+            _write_folder(out, {"config.json": config, "preprocessor_config.json": pre,
+                                layouts.WEIGHTS_NAME: ({k: v.contiguous() for k, v in hsd.items()}, meta)}, need)
+        return out
     with atomic_output(out, needs_bytes=sum(v.numel() * v.element_size() for v in sd.values())) as tmp:
         if fmt == "official":
             torch.save(sd, tmp)
         else:
-            contract = getattr(model, "geodino_contract", None)
-            meta = {"format": "dinov3-official-keys",
-                    "geodino_contract": json.dumps(contract.to_dict() if contract is not None else {})}
+            meta = {"format": "dinov3-official-keys", **_contract_meta(model)}
             save_file(sd, str(tmp), metadata=meta)
     return out

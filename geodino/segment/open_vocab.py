@@ -31,6 +31,7 @@ by 255.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from open_clip import zero_shot_metadata as z
 from PIL import Image
 
@@ -359,6 +361,27 @@ class OpenVocabSegmenter:
 
         return predict
 
+    def export_onnx(self, out: str | Path, prompts: Sequence[str] | None = None,
+                    templates: str | Sequence[str] | None = "default", **options) -> Path:
+        """The image side as ONNX (`geodino.models.onnx.export_onnx`): ``pixel_values`` (normalised, as
+        `geodino.transforms_for`) -> ``image_embedding`` ``[B, E]`` and ``patch_embeddings`` ``[B, HW, E']``, both
+        L2-normalised. The metadata holds ``logit_scale`` (``exp``, a number) and, for `prompts`, ``classes`` and
+        ``class_embeddings`` (``[K, E']``, JSON): class logits per patch are ``logit_scale * patch_embeddings @
+        class_embeddings.T``, upsampled to the image as `patch_similarity` does."""
+        from geodino.models.onnx import export_onnx
+
+        meta = {"logit_scale": json.dumps(float(self.model.logit_scale.detach().exp())),
+                "patch_features": self.patch_features}
+        if prompts:
+            prompts = check_prompts(prompts)
+            meta["classes"] = json.dumps(prompts)
+            meta["class_embeddings"] = json.dumps(self.text_embeddings(prompts, templates).cpu().tolist())
+        backbone = self.model.visual_model.backbone
+        if getattr(backbone, "geodino_contract", None) is None:
+            backbone.geodino_contract = self.contract
+        return export_onnx(backbone, out, graph=_ImageSide(self.model, self.patch_features),
+                           output_names=("image_embedding", "patch_embeddings"), metadata=meta, **options)
+
     def segment(self, image: Any, prompts: Sequence[str], background: float | None = None,
                 templates: str | Sequence[str] | None = "default", tile: int | None = None,
                 overlap: int | None = None, return_probabilities: bool = False, scale: float | None = None,
@@ -394,6 +417,22 @@ class OpenVocabSegmenter:
         stats = blend_tiles(H, W, int(tile or self.tile), int(self.overlap if overlap is None else overlap), read,
                             self.predictor(text), emit, blend=self.blend, progress=progress)
         return SegmentationResult(labels, scores, prompts, probs_out, valid, {**info, **stats})
+
+
+class _ImageSide(nn.Module):
+    """The segmenter's image side as one graph (`OpenVocabSegmenter.export_onnx`); the same features as
+    `OpenVocabSegmenter.patch_similarity` uses, L2-normalised."""
+
+    def __init__(self, model: DinoTxt, patch_features: str):
+        super().__init__()
+        self.model, self.patch_features = model, patch_features
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, patches, backbone_patches = self.model.visual_model.get_class_and_patch_tokens(pixel_values)
+        image = F.normalize(self.model.visual_model.pool(cls, patches), dim=-1)
+        if self.patch_features == "backbone":
+            patches = self.model.visual_model.head.linear_projection(backbone_patches)
+        return image, F.normalize(patches, dim=-1)
 
 
 def decide(probs: np.ndarray, valid: np.ndarray, background: float | None) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,10 @@ rasterio, tiles are blended with ramp weights (geodino.segment.tiling) and every
 output GeoTIFF as soon as it is final -- the full-resolution score stack never exists. GDAL's block cache is capped
 (``gdal_cache_mb``) so reading and writing stay bounded too.
 
-Output GeoTIFF (same CRS, transform and size as the input; tiled, deflate):
+Output GeoTIFF (same CRS, transform and size as the input; deflate): a Cloud-Optimized GeoTIFF by default (GDAL's
+COG driver: 256-pixel internal tiles, nearest-neighbour overviews, header first), ``format=gtiff`` a plain tiled
+GeoTIFF without overviews. The labels stream into a tiled GeoTIFF first; the COG is GDAL's copy of it (so a COG
+needs about twice the output's size on disk while it is made):
 
 * band 1 ``labels`` (uint8, colour table): 1..K = the prompts in order, K+1 = background (when ``background`` is
   set), and the nodata value where the input is nodata. The input's nodata value is kept when it fits uint8 and
@@ -16,8 +19,11 @@ Output GeoTIFF (same CRS, transform and size as the input; tiled, deflate):
   scale/offset so that ``value * scale + offset`` is the probability;
 * tags: ``CLASSES`` (JSON list), ``CLASS_<value>``, the checkpoint, templates and background threshold.
 
-Beside it, for ``out=<stem>.tif``: ``<stem>.preview.png``, a downsampled colour preview with a legend, and
-``<stem>.summary.json`` with the legend, pixel counts per class and timings. ``out`` must end in ``.tif`` /
+Beside it, for ``out=<stem>.tif``: ``<stem>.preview.png``, a downsampled colour preview with a legend,
+``<stem>.summary.json`` with the legend, pixel counts per class and timings, and with ``vector=true``
+``<stem>.gpkg``, the labels as polygons (one per connected region; ``value``, ``class``) in the raster's CRS, made
+by GDAL's polygonize (``rasterio.features.shapes`` over the written band, scanline by scanline) and written by
+geopandas (an optional dependency: ``pip install geopandas``). ``out`` must end in ``.tif`` /
 ``.tiff``; no output may be the input raster or the checkpoint, and an existing output is replaced only with
 ``overwrite=true`` (checked before the model runs). Every file is written to a temporary name and renamed when
 complete; a failed run leaves no partial file and no empty output folder (geodino.outputs).
@@ -149,11 +155,14 @@ def preview_png(labels: np.ndarray, class_names: list[str], out: Path, backgroun
     return out
 
 
+FORMATS = ("cog", "gtiff")
+
+
 def output_files(out: str | Path, input_path: str | Path, preview: bool = True, overwrite: bool = False,
-                 checkpoint: str | Path | None = None) -> dict[str, Path]:
-    """The files ``segment`` writes for ``out`` ({"labels", "summary"[, "preview"]}), refused (one line) before any
-    work when ``out`` is not a GeoTIFF name or an output would overwrite the input, the checkpoint, another output
-    or (without ``overwrite``) an existing file."""
+                 checkpoint: str | Path | None = None, vector: bool = False) -> dict[str, Path]:
+    """The files ``segment`` writes for ``out`` ({"labels", "summary"[, "preview"][, "vector"]}), refused (one line)
+    before any work when ``out`` is not a GeoTIFF name or an output would overwrite the input, the checkpoint,
+    another output or (without ``overwrite``) an existing file."""
     input_path = Path(str(input_path)).expanduser()
     out = Path(str(out)).expanduser()
     if out.suffix.lower() not in (".tif", ".tiff"):
@@ -162,6 +171,8 @@ def output_files(out: str | Path, input_path: str | Path, preview: bool = True, 
     files = {"labels": out, "summary": out.with_name(f"{out.stem}.summary.json")}
     if preview:
         files["preview"] = out.with_name(f"{out.stem}.preview.png")
+    if vector:
+        files["vector"] = out.with_name(f"{out.stem}.gpkg")
     check_outputs(files.values(), [input_path, checkpoint], overwrite=overwrite, what="output")
     return files
 
@@ -169,26 +180,67 @@ def output_files(out: str | Path, input_path: str | Path, preview: bool = True, 
 def segment_raster(segmenter, input_path: str | Path, prompts, out: str | Path, background: float | None = None,
                    templates="default", tile: int = 512, overlap: int = 64, scores: bool = True,
                    preview: bool = True, preview_size: int = 1024, progress: bool = True, scale: float | None = None,
-                   gdal_cache_mb: int = 64, compress: str = "deflate", overwrite: bool = False) -> dict:
-    """Segment a GeoTIFF window by window into ``out`` (see module doc); returns the summary dict."""
+                   gdal_cache_mb: int = 64, compress: str = "deflate", overwrite: bool = False,
+                   format: str = "cog", vector: bool = False) -> dict:
+    """Segment a GeoTIFF window by window into ``out`` (see module doc); returns the summary dict. The streaming
+    path for rasters of any size; ``OpenVocabSegmenter.segment`` holds the whole result in memory."""
 
     prompts = check_prompts(prompts)
+    if format not in FORMATS:
+        raise GeodinoError(f"format={format}: choose {' or '.join(FORMATS)} (cog: Cloud-Optimized GeoTIFF)")
+    if vector:
+        _require_geopandas()
     if background is not None and not 0.0 <= float(background) <= 1.0:
         raise GeodinoError(f"background is a probability threshold in [0, 1], got {background}")
     input_path = Path(str(input_path)).expanduser()
     if not input_path.is_file():
         raise DataError(f"input raster {input_path} does not exist")
-    files = output_files(out, input_path, preview, overwrite, segmenter.info.get("checkpoint"))
+    files = output_files(out, input_path, preview, overwrite, segmenter.info.get("checkpoint"), vector)
     out = files["labels"]
     with output_dir(out.parent), contextlib.ExitStack() as written:
         # every file goes to a temporary name; all are renamed at the end, or all removed on failure
         summary = _segment_into(segmenter, input_path, prompts, files, written, background, templates, tile,
-                                overlap, scores, preview_size, progress, scale, gdal_cache_mb, compress)
+                                overlap, scores, preview_size, progress, scale, gdal_cache_mb, compress, format)
     return summary
 
 
+def _require_geopandas():
+    try:
+        import geopandas  # noqa: F401
+    except ImportError as e:
+        raise GeodinoError("vector=true writes a GeoPackage with geopandas, which is not installed: "
+                           "pip install geopandas") from e
+
+
+def write_cog(src: Path, dst: Path, compress: str = "deflate") -> None:
+    """GDAL's COG copy of a tiled GeoTIFF: 256-pixel tiles, nearest-neighbour overviews (labels stay labels),
+    colour table, nodata, band descriptions, scales / offsets and tags kept."""
+    import rasterio.shutil
+
+    rasterio.shutil.copy(str(src), str(dst), driver="COG", COMPRESS=compress.upper(), BLOCKSIZE=256,
+                         OVERVIEW_RESAMPLING="NEAREST", BIGTIFF="IF_SAFER")
+
+
+def write_polygons(labels_tif: Path, dst: Path, classes: dict[int, str], nodata) -> int:
+    """The label band of `labels_tif` as polygons (``value``, ``class``) in a GeoPackage; returns their number.
+    GDAL's polygonize reads the band itself, scanline by scanline (rasterio.features.shapes over a band)."""
+    import geopandas as gpd
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    with rasterio.open(labels_tif) as src:
+        band = rasterio.band(src, 1)
+        rows = [(shape(geom), int(v)) for geom, v in shapes(band) if nodata is None or int(v) != int(nodata)]
+        crs = src.crs
+    gdf = gpd.GeoDataFrame({"value": [v for _, v in rows], "class": [classes.get(v, "") for _, v in rows]},
+                           geometry=[g for g, _ in rows], crs=crs)
+    gdf.to_file(dst, driver="GPKG", layer="labels")
+    return len(gdf)
+
+
 def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[str, Path], written, background,
-                  templates, tile, overlap, scores, preview_size, progress, scale, gdal_cache_mb, compress) -> dict:
+                  templates, tile, overlap, scores, preview_size, progress, scale, gdal_cache_mb, compress,
+                  format: str = "cog") -> dict:
     out = files["labels"]
     t0 = time.perf_counter()
     text = segmenter.text_embeddings(prompts, templates)
@@ -225,7 +277,10 @@ def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[s
                 return x01, valid
 
             tmp = written.enter_context(atomic_output(out, needs_bytes=H * W * profile["count"]))
-            with rasterio.open(tmp, "w", **profile) as dst:
+            stream = tmp if format == "gtiff" else tmp.with_name(tmp.name + ".stream.tif")
+            if stream != tmp:
+                written.callback(lambda: stream.unlink(missing_ok=True))
+            with rasterio.open(stream, "w", **profile) as dst:
                 dst.descriptions = ("labels", "score")[: profile["count"]]
                 cmap = {0: (0, 0, 0, 0)}
                 for i, c in enumerate(class_colours(prompts)):
@@ -268,6 +323,13 @@ def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[s
                 if scores:
                     dst.scales = (1.0, 1.0 / 253)
                     dst.offsets = (0.0, -1.0 / 253)
+            if stream != tmp:
+                write_cog(stream, tmp, compress)
+                stream.unlink()
+    classes = {i + 1: p for i, p in enumerate(prompts)} | ({k + 1: "background"} if bg else {})
+    n_polygons = None
+    if "vector" in files:
+        n_polygons = write_polygons(tmp, written.enter_context(atomic_output(files["vector"])), classes, out_nodata)
     seconds = time.perf_counter() - t0
     summary = {
         "input": str(input_path), "out": str(out), "width": W, "height": H, "classes": prompts,
@@ -275,7 +337,10 @@ def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[s
         "nodata": out_nodata, "pixels": {p: int(counts[i + 1]) for i, p in enumerate(prompts)}
         | ({"background": int(counts[k + 1])} if bg else {}) | {"nodata": int(counts[k + 2])},
         "seconds": seconds, "seconds_per_megapixel": seconds / max(H * W / 1e6, 1e-9), **stats, **notes,
+        "format": format,
     }
+    if n_polygons is not None:
+        summary["vector"], summary["polygons"] = str(files["vector"]), n_polygons
     if "preview" in files:
         preview_png(prev, prompts, written.enter_context(atomic_output(files["preview"])), bg, out_nodata,
                     title=input_path.name)
@@ -308,7 +373,13 @@ def run_segment(cfg) -> dict:
         out = default_run_dir("segment", inp.stem) / f"{inp.stem}_segment.tif"
     preview = bool(cfg.get("preview", True))
     overwrite = bool(cfg.get("overwrite", False))
-    output_files(out, inp, preview, overwrite, str(cfg.checkpoint))  # refused before the model loads
+    vector = bool(cfg.get("vector", False))
+    fmt = str(cfg.get("format", "cog"))
+    if fmt not in FORMATS:
+        raise GeodinoError(f"format={fmt}: choose {' or '.join(FORMATS)} (cog: Cloud-Optimized GeoTIFF)")
+    if vector:
+        _require_geopandas()
+    output_files(out, inp, preview, overwrite, str(cfg.checkpoint), vector)  # refused before the model loads
     seg = OpenVocabSegmenter.from_checkpoint(
         str(cfg.checkpoint), device=str(cfg.get("device", "auto")),
         patch_features=str(cfg.get("patch_features", "head")), blend=str(cfg.get("blend", "linear")),
@@ -319,10 +390,13 @@ def run_segment(cfg) -> dict:
         templates=templates, tile=int(cfg.tile), overlap=int(cfg.overlap), scores=bool(cfg.get("scores", True)),
         preview=preview, preview_size=int(cfg.get("preview_size", 1024)),
         progress=bool(cfg.get("progress", True)), gdal_cache_mb=int(cfg.get("gdal_cache_mb", 64)), overwrite=overwrite,
+        format=fmt, vector=vector,
     )
     print(f"labels:  {summary['out']}  ({summary['width']}x{summary['height']}, {len(prompts)} classes, "
           f"{summary['seconds']:.1f} s, {summary['seconds_per_megapixel']:.2f} s/MP)")
     if "preview" in summary:
         print(f"preview: {summary['preview']}")
+    if "vector" in summary:
+        print(f"vector:  {summary['vector']}  ({summary['polygons']} polygons)")
     print(f"summary: {summary['summary']}")
     return summary

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,7 +42,7 @@ from geodino.data.collate import collate_data_and_cast
 from geodino.data.masking import MaskingGenerator
 from geodino.errors import GeodinoError
 from geodino.models.backbone import Backbone
-from geodino.runs import MetricsWriter
+from geodino.runs import open_metrics
 from geodino.runtime import usable_cpus
 from geodino.train.distributed import Parallel, rank_masks
 from geodino.train.monitors import DataWaitMonitor
@@ -249,6 +250,7 @@ class TrainSettings:
     progress: bool = True
     world_size: int = 1
     data_wait_warn: float = 0.5  # warn when the loop waits on data for more than this share of a step (0: never)
+    loggers: tuple[str, ...] = ("jsonl",)  # metrics writers: jsonl (metrics.jsonl), tensorboard (tensorboard/)
 
     @classmethod
     def from_cfg(cls, cfg) -> "TrainSettings":
@@ -265,7 +267,14 @@ class TrainSettings:
             warmup_teacher_temp=float(e.warmup_teacher_temp),
             warmup_teacher_temp_iterations=int(e.warmup_teacher_temp_iterations), precision=str(t.precision),
             progress=bool(cfg.get("progress", True)), data_wait_warn=float(t.get("data_wait_warn", 0.5)),
+            loggers=_loggers(t.get("loggers", ["jsonl"])),
         )
+
+
+def _loggers(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value or []))
 
 
 class Trainer:
@@ -456,7 +465,7 @@ class Trainer:
 
     def fit(self, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
         s = self.s
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_after_step=self.start_step - 1) if self.is_main else None
+        metrics = open_metrics(self.run_dir, s.loggers, truncate_after_step=self.start_step - 1) if self.is_main else None
         self.meta.train()
         self.data_wait = DataWaitMonitor(s.data_wait_warn, self.batches.num_workers, self.device, usable_cpus())
         data = self.batches.iterate(self.start_step * s.grad_accum)

@@ -1,5 +1,10 @@
-"""`geodino export checkpoint=<run or file> format=official|safetensors [which=teacher|student] [out=...]
-[overwrite=true]`.
+"""`geodino export checkpoint=<run, file or folder> format=official|safetensors|timm|hf|onnx [which=teacher|student]
+[out=...] [overwrite=true]`.
+
+``official`` writes a ``.pth``, ``safetensors`` a ``.safetensors``, ``onnx`` a ``.onnx``; ``timm`` and ``hf`` write a
+folder (``config.json`` + ``model.safetensors``) that ``timm.create_model("local-dir:<out>")`` /
+``transformers.DINOv3ViTModel.from_pretrained(<out>)`` read. ``checkpoint=`` takes anything `load_backbone` reads by
+path (a run, a geodino file, an official / timm / HF weights file or folder).
 
 ``out`` never replaces the source checkpoint or a training checkpoint (``step_*.pt`` in a run's ``checkpoints/``),
 and replaces another existing file only with ``overwrite=true``; the file is written atomically (geodino.outputs).
@@ -13,6 +18,7 @@ from pathlib import Path
 from geodino.checkpoint import latest_checkpoint
 from geodino.errors import GeodinoError
 from geodino.models import export_backbone, load_backbone
+from geodino.models.weights import FOLDER_FORMATS
 from geodino.outputs import check_outputs
 
 _TRAINING_CHECKPOINT = re.compile(r"step_\d+\.pt$")
@@ -28,14 +34,40 @@ def _sources(src: Path) -> list[Path]:
 def run_export(cfg) -> Path:
     src = Path(str(cfg.checkpoint)).expanduser()
     fmt = str(cfg.format)
-    suffix = ".pth" if fmt == "official" else ".safetensors"
-    out = Path(str(cfg.out)).expanduser() if cfg.out else (src if src.is_dir() else src.parent) / f"backbone_{cfg.which}{suffix}"
+    part = str(cfg.get("part", "backbone"))
+    if part == "segmenter" and fmt != "onnx":
+        raise GeodinoError(f"part=segmenter exports the segmenter's image side as format=onnx, not format={fmt}")
+    suffix = {"official": ".pth", "safetensors": ".safetensors", "onnx": ".onnx"}.get(fmt, f"_{fmt}")
+    stem = "segmenter_image" if part == "segmenter" else f"backbone_{cfg.which}"
+    out = Path(str(cfg.out)).expanduser() if cfg.out else (src if src.is_dir() else src.parent) / f"{stem}{suffix}"
     sources = _sources(src) if src.exists() else []  # else load_backbone says what is wrong with checkpoint=
-    check_outputs([out], sources, overwrite=True, what="out")  # never the source, whatever overwrite says
-    if _TRAINING_CHECKPOINT.search(out.name) and out.parent.name == "checkpoints":
-        raise GeodinoError(f"out={out} is a training checkpoint's name in a run's checkpoints/ folder; "
-                           "export the backbone to another file")
-    check_outputs([out], overwrite=bool(cfg.get("overwrite", False)), what="out")
+    if fmt in FOLDER_FORMATS:  # a folder: never the source or a folder holding it, and replaced only with overwrite
+        if any(s.resolve() == out.resolve() or out.resolve() in s.resolve().parents for s in sources):
+            raise GeodinoError(f"out {out} would overwrite the input {src}; choose another output path")
+        if out.exists() and not out.is_dir():
+            raise GeodinoError(f"out {out} is an existing file; format={fmt} writes a folder")
+        if out.exists() and not bool(cfg.get("overwrite", False)):
+            raise GeodinoError(f"out {out} exists; overwrite=true replaces it")
+    else:
+        check_outputs([out], sources, overwrite=True, what="out")  # never the source, whatever overwrite says
+        if _TRAINING_CHECKPOINT.search(out.name) and out.parent.name == "checkpoints":
+            raise GeodinoError(f"out={out} is a training checkpoint's name in a run's checkpoints/ folder; "
+                               "export the backbone to another file")
+        check_outputs([out], overwrite=bool(cfg.get("overwrite", False)), what="out")
+    if part == "segmenter":
+        from omegaconf import OmegaConf
+
+        from geodino.segment.open_vocab import OpenVocabSegmenter
+
+        prompts = cfg.get("prompts") or []
+        prompts = [prompts] if isinstance(prompts, str) else list(OmegaConf.to_container(prompts) if
+                                                                   OmegaConf.is_config(prompts) else prompts)
+        templates = cfg.get("templates", "default")
+        if OmegaConf.is_config(templates):
+            templates = list(OmegaConf.to_container(templates))
+        OpenVocabSegmenter.from_checkpoint(str(src)).export_onnx(out, prompts=prompts or None, templates=templates)
+        print(f"wrote {out} (segmenter image side, onnx{f', {len(prompts)} class embeddings' if prompts else ''})")
+        return out
     model = load_backbone(src, which=str(cfg.which))
     export_backbone(model, out, fmt)
     n = sum(p.numel() for p in model.state_dict().values())
