@@ -44,7 +44,7 @@ PAIRWISE_STAGES = {
 # names the verbs accept, kept beside their owners' lists by tests/test_schema.py
 SENSORS = ("sentinel2", "landsat8", "landsat9", "naip")  # geodino.data.sources.raster.SENSOR_DATASETS
 TEMPLATE_SETS = ("default", "rs", "openai", "simple", "none")  # geodino.segment.open_vocab.TEMPLATES
-DENSE_HEADS = ("linear", "light_decoder", "decoder")  # geodino.eval.probes.build_dense_head
+DENSE_HEADS = ("linear", "light_decoder", "decoder", "dpt")  # geodino.eval.probes.build_dense_head
 EXPORT_FORMATS = ("official", "safetensors")  # geodino.models.weights.EXPORT_FORMATS
 CURATE_ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")  # geodino.verbs.curate.ACTIONS
 LOVEDA_SCENES = ("urban", "rural")  # geodino.eval.datasets.loveda.SCENES
@@ -510,7 +510,8 @@ TASK: dict[str, Entry] = {
     "batch_size": Int(ge=1),
     "feature_batch_size": Opt(Int(ge=1)),
     "decoder_dim": Int(ge=1),
-    "n_last_layers": Int(ge=1),
+    "layers": AnyOf(Int(ge=1), List(Int(ge=0), 1),
+                    allowed="an int n >= 1 (the last n blocks), or a list of 0-based block indices"),
     "train_split": Str(),
     "eval_split": Str(),
     # loveda

@@ -158,7 +158,8 @@ def extract_windows(extractor: Extractor, tiles: TileSet, spec: DenseSpec, cache
                     flush()
         flush()
         meta = {"n": n, "n_tiles": n_tiles, "names": names, "groups": groups, "window": win, "stride": spec.stride,
-                "kind": spec.kind, "dim": int(d), "grid": [int(gh), int(gw)]}
+                "kind": spec.kind, "dim": int(d), "grid": [int(gh), int(gw)],
+                "layer_dims": list(extractor.layer_dims or [int(d)])}
         return writer.finish(meta)
     except BaseException:
         writer.abort()

@@ -8,6 +8,7 @@
 * `LinearSegHead`: BatchNorm + 1x1 convolution on the patch-token grid (the DINOv2/v3 linear
   segmentation head); logits are bilinearly upsampled to pixel resolution before the loss.
 * `LightDecoder`: two 3x3 conv + BN + GELU stages with 2x upsampling in between, then a 1x1 conv.
+* `DPTHead`: segmentation-models-pytorch's DPT decoder on the tokens of several layers (``task.layers``).
 * `train_dense_head`: trains either head on cached window features for segmentation (cross-entropy
   with ignored pixels) or regression (L1 on valid pixels, targets standardised by train statistics).
 All run on CPU or GPU; progress bars come from geodino.eval.features.progress_bar.
@@ -126,8 +127,12 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, n_
 # ----------------------------------------------------------------------------------------------
 
 class LinearSegHead(nn.Module):
+    """BatchNorm + 1x1 conv on the patch-token grid. On features of several layers (``task.layers``) the grid holds
+    their concatenation, so this is the DINOv2/v3 linear head on concatenated layers."""
+
     def __init__(self, dim: int, n_out: int):
         super().__init__()
+        self.n_out = int(n_out)
         self.bn = nn.BatchNorm2d(dim)
         self.conv = nn.Conv2d(dim, n_out, kernel_size=1)
         nn.init.normal_(self.conv.weight, std=0.01)
@@ -140,6 +145,7 @@ class LinearSegHead(nn.Module):
 class LightDecoder(nn.Module):
     def __init__(self, dim: int, n_out: int, hidden: int = 128):
         super().__init__()
+        self.n_out = int(n_out)
         h2 = max(16, hidden // 2)
         self.stage1 = nn.Sequential(nn.Conv2d(dim, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.GELU())
         self.stage2 = nn.Sequential(nn.Conv2d(hidden, h2, 3, padding=1, bias=False), nn.BatchNorm2d(h2), nn.GELU())
@@ -153,14 +159,66 @@ class LightDecoder(nn.Module):
         return self.out(x)
 
 
-DENSE_HEADS = ("linear", "light_decoder")
+class DPTHead(nn.Module):
+    """A DPT head (Ranftl et al. 2021, the head of the DINOv3 paper's dense evaluations) on the tokens of several
+    layers: segmentation-models-pytorch's `DPTDecoder` (reassemble each layer at 1/4, 1/8, 1/16, 1/32 of the input,
+    fuse from coarse to fine) and a conv + BN + ReLU + 1x1 output block at 1/2 of the input.
+
+    smp's decoder serves as is for a frozen DINOv3 backbone: it takes a list of ``[B, C_i, h, w]`` grids with their
+    channel counts, so a ViT's blocks and ConvNeXt's stages (all put on the patch grid by the `Extractor`) fit.
+    Two things are done here: the cached features hold the layers concatenated along channels, so the head splits
+    them by ``layer_dims``; and the decoder's coarsest stage halves the grid, whose fusion needs the grid to
+    halve exactly, so an odd grid (e.g. GEO-Bench's 400-px samples: 25x25 tokens) is padded at the bottom/right
+    and the output cropped back. Prefix tokens are not used (``readout='ignore'``): cached dense features keep
+    patch tokens only. Channel widths scale with ``hidden`` (smp's defaults are ``hidden=256``: intermediate
+    256/512/1024/1024, fusion 256).
+    """
+
+    def __init__(self, layer_dims: Sequence[int], n_out: int, hidden: int = 256):
+        super().__init__()
+        from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
+
+        self.layer_dims = [int(d) for d in layer_dims]
+        self.n_out = int(n_out)
+        k = len(self.layer_dims)
+        widths = [hidden * m for m in (1, 2, 4, 4)] + [hidden * 4] * max(0, k - 4)
+        self.decoder = DPTDecoder(encoder_out_channels=self.layer_dims, encoder_output_strides=[16] * k,
+                                  encoder_has_prefix_tokens=False, readout="ignore",
+                                  intermediate_channels=widths[:k], fusion_channels=hidden)
+        self.out = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
+                                 nn.ReLU(inplace=True), nn.Conv2d(hidden, n_out, 1))
+        # stages beyond the third downsample by 2 each: the grid must divide by 2^(k-3)
+        self.multiple = 2 ** max(0, k - 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != sum(self.layer_dims):
+            raise GeodinoError(f"DPT head built for layers of {self.layer_dims} channels (sum {sum(self.layer_dims)}) "
+                               f"got features with {x.shape[1]} channels")
+        h, w = x.shape[-2:]
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        feats = list(torch.split(x, self.layer_dims, dim=1))
+        y = self.out(self.decoder(feats, [None] * len(feats)))  # 8x the token grid
+        return y[..., : h * 8, : w * 8]
 
 
-def build_dense_head(kind: str, dim: int, n_out: int, hidden: int = 128) -> nn.Module:
+DENSE_HEADS = ("linear", "light_decoder", "dpt")
+
+
+def build_dense_head(kind: str, dim: int, n_out: int, hidden: int = 128,
+                     layer_dims: Sequence[int] | None = None) -> nn.Module:
+    """`kind` on features of `dim` channels (`layer_dims`: how the layers split them; DPT needs it)."""
     if kind == "linear":
         return LinearSegHead(dim, n_out)
     if kind in ("light_decoder", "decoder"):
         return LightDecoder(dim, n_out, hidden)
+    if kind == "dpt":
+        dims = list(layer_dims) if layer_dims else [dim]
+        if sum(dims) != dim:
+            raise GeodinoError(f"layer_dims {dims} do not add up to the feature width {dim}")
+        return DPTHead(dims, n_out, hidden)
     raise GeodinoError(f"unknown head '{kind}'; choose one of: {', '.join(DENSE_HEADS)}")
 
 
@@ -172,7 +230,7 @@ class DenseModel(nn.Module):
         super().__init__()
         self.head = head
         self.kind = kind
-        n_out = head.conv.out_channels if isinstance(head, LinearSegHead) else head.out.out_channels
+        n_out = head.n_out
         mask = torch.zeros(n_out, dtype=torch.bool)
         if allowed_classes is None:
             mask[:] = True

@@ -94,8 +94,9 @@ class EvalContext:
                   rgb_indices: list[int] | None = None):
         model = self.backbone(in_chans, bands, rgb_indices)
         if id(model) not in self._extractors:
-            n_layers = int(self.task.get("n_last_layers", 1) or 1)
-            self._extractors[id(model)] = Extractor(model, self.device, n_last_layers=n_layers)
+            layers = self.task.get("layers", 1)
+            layers = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
+            self._extractors[id(model)] = Extractor(model, self.device, layers=layers)
         return self._extractors[id(model)]
 
     def note_cache(self, what: str, hit: bool) -> None:

@@ -33,7 +33,7 @@ def window_features(ctx, extractor, tiles: TileSet, spec: DenseSpec, split: str,
     key = ctx.cache.key(backbone=backbone_fingerprint(extractor.backbone), dataset=dataset_id, split=split,
                         transform={**transform, "window": spec.window, "stride": spec.stride, "kind": spec.kind,
                                    "mean": list(extractor.contract.mean), "std": list(extractor.contract.std),
-                                   "n_last_layers": extractor.n_last_layers})
+                                   "layers": extractor.cache_id})
     fs = extract_windows(extractor, tiles, spec, ctx.cache, ctx.task_name, key, desc=f"{split} features")
     ctx.note_cache(f"{dataset_id.get('name', ctx.task_name)}/{split}", fs.hit)
     return fs
@@ -63,7 +63,8 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
     out: dict = {"heads": {}}
     for head_kind in heads_of(t.get("head")):
         torch.manual_seed(ctx.seed)
-        head = build_dense_head(head_kind, int(fs_train.meta["dim"]), num_classes, int(t.get("decoder_dim", 128) or 128))
+        head = build_dense_head(head_kind, int(fs_train.meta["dim"]), num_classes, int(t.get("decoder_dim", 128) or 128),
+                                fs_train.meta.get("layer_dims"))
         model = DenseModel(head, "seg", allowed_classes=allowed)
         train_dense_head(model, fs_train["feats"], fs_train["targets"], ignore_index=ignore_index,
                          epochs=int(t.epochs if epochs is None else epochs), lr=float(t.lr), weight_decay=float(t.get("weight_decay", 1e-4)),
@@ -110,7 +111,8 @@ def evaluate_regression(ctx, extractor, train_tiles: TileSet, eval_tiles: TileSe
     out: dict = {"heads": {}, "target_mean_m": t_mean, "target_std_m": t_std}
     for head_kind in heads_of(t.get("head")):
         torch.manual_seed(ctx.seed)
-        head = build_dense_head(head_kind, int(fs_train.meta["dim"]), 1, int(t.get("decoder_dim", 128) or 128))
+        head = build_dense_head(head_kind, int(fs_train.meta["dim"]), 1, int(t.get("decoder_dim", 128) or 128),
+                                fs_train.meta.get("layer_dims"))
         model = DenseModel(head, "reg", target_mean=t_mean, target_std=t_std)
         train_dense_head(model, fs_train["feats"], fs_train["targets"], fs_train["valid"], epochs=int(t.epochs),
                          lr=float(t.lr), weight_decay=float(t.get("weight_decay", 1e-4)), batch_size=int(t.batch_size),

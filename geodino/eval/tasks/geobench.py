@@ -43,7 +43,7 @@ def classification_features(ctx, extractor, task: GeobenchTask, split: str, name
                                  "files": _files_id(task, names)},
                         split=split, transform={"bands": band_mode, "scaling": scaling,
                                                 "mean": list(extractor.contract.mean),
-                                                "std": list(extractor.contract.std), "n_last_layers": extractor.n_last_layers,
+                                                "std": list(extractor.contract.std), "layers": extractor.cache_id,
                                                 "pad": "bottom-right to patch multiple"})
     fs = ctx.cache.get(ctx.task_name, f"{task.name}-{key}")
     if fs is None:
