@@ -505,7 +505,9 @@ TASK: dict[str, Entry] = {
     "epochs": Int(ge=1),
     "seg_epochs": Opt(Int(ge=1)),
     "lr": Float(gt=0),
-    "linear_lrs": Opt(List(Float(gt=0), min_len=1)),
+    "lrs": Opt(List(Float(gt=0), min_len=1)),  # the learning-rate grid (null: [lr])
+    "val_split": Opt(Str()),  # where a sweep is scored (null: hold out val_fraction of the training tiles)
+    "val_fraction": Float(gt=0, lt=1),
     "weight_decay": Float(ge=0),
     "batch_size": Int(ge=1),
     "feature_batch_size": Opt(Int(ge=1)),

@@ -42,6 +42,39 @@ def _cosine(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Learning-rate sweep
+# ----------------------------------------------------------------------------------------------
+
+def lr_grid(task_cfg) -> list[float]:
+    """``task.lrs`` (the grid), else ``[task.lr]``."""
+    grid = task_cfg.get("lrs") or [task_cfg.get("lr")]
+    out = [float(v) for v in grid if v is not None]
+    if not out:
+        raise GeodinoError("no learning rate: set task.lr or task.lrs")
+    return out
+
+
+def sweep_lr(lrs: Sequence[float], fit: Callable[[float], object], score: Callable[[object], float],
+             higher_is_better: bool = True) -> tuple[float, object, dict[str, float]]:
+    """Fit one model per learning rate, score each on validation data, keep the best (ties: the first in grid
+    order; a NaN score never wins). Returns ``(best_lr, best_model, {f"{lr:g}": score})``; only the best model is
+    kept in memory."""
+    if not lrs:
+        raise GeodinoError("empty learning-rate grid")
+    curve: dict[str, float] = {}
+    best_lr, best_model, best_score = None, None, None
+    for lr in lrs:
+        model = fit(float(lr))
+        sc = float(score(model))
+        curve[f"{lr:g}"] = sc
+        ok = math.isfinite(sc)
+        if best_lr is None or (ok and (best_score is None or (sc > best_score if higher_is_better else sc < best_score))):
+            best_lr, best_model, best_score = float(lr), model, (sc if ok else None)
+        log.info("lr sweep: lr %g -> %.4f", lr, sc)
+    return best_lr, best_model, curve
+
+
+# ----------------------------------------------------------------------------------------------
 # Classification
 # ----------------------------------------------------------------------------------------------
 

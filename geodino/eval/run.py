@@ -70,6 +70,7 @@ class EvalContext:
         self.num_workers = int(cfg.get("num_workers", 0) or 0)
         self.n_figures = int(cfg.get("n_figures", 3) or 0)
         self.cache_log: dict[str, str] = {}
+        self.models: dict[str, torch.nn.Module] = {}  # trained heads (and fine-tuned models) by name
         self._backbones: dict[Any, torch.nn.Module] = {}
         self._extractors: dict[Any, Any] = {}
 
@@ -98,6 +99,10 @@ class EvalContext:
             layers = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
             self._extractors[id(model)] = Extractor(model, self.device, layers=layers)
         return self._extractors[id(model)]
+
+    def keep_model(self, name: str, model: torch.nn.Module) -> None:
+        """A trained head / model of this run (checkpointed with ``save_heads=true``)."""
+        self.models[name] = model
 
     def note_cache(self, what: str, hit: bool) -> None:
         self.cache_log[what] = "hit" if hit else ("written" if self.persistent else "disabled")
