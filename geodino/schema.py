@@ -48,6 +48,8 @@ DENSE_HEADS = ("linear", "light_decoder", "decoder", "dpt")  # geodino.eval.prob
 EXPORT_FORMATS = ("official", "safetensors")  # geodino.models.weights.EXPORT_FORMATS
 CURATE_ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")  # geodino.verbs.curate.ACTIONS
 LOVEDA_SCENES = ("urban", "rural")  # geodino.eval.datasets.loveda.SCENES
+AUGMENTATIONS = ("hflip", "vflip", "rot90", "resized_crop", "brightness")  # geodino.eval.finetune.AUGMENTATIONS
+FINETUNE_MODES = ("none", "full", "lora")  # geodino.eval.finetune.FINETUNE_MODES
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,6 +518,15 @@ TASK: dict[str, Entry] = {
                     allowed="an int n >= 1 (the last n blocks), or a list of 0-based block indices"),
     "train_split": Str(),
     "eval_split": Str(),
+    "augment": List(OneOf(*AUGMENTATIONS)),
+    "crop_scale": List(Float(gt=0, le=1), length=2),
+    "finetune": OneOf(*FINETUNE_MODES),
+    "lora": Mapping(),
+    "lora.r": Int(ge=1),
+    "lora.alpha": Float(gt=0),
+    "lora.dropout": Float(ge=0, lt=1),
+    "layer_decay": Float(gt=0, le=1),
+    "backbone_lr_mult": Float(ge=0),
     # loveda
     "scenes": Opt(List(OneOf(*LOVEDA_SCENES))),
     "window": Int(ge=1),
@@ -558,6 +569,7 @@ EVAL: dict[str, Entry] = {
     "cache_dir": PATH,
     "num_workers": Int(ge=0),
     "n_figures": Int(ge=0),
+    "save_heads": Bool(),
 }
 
 SEGMENT: dict[str, Entry] = {

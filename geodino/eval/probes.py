@@ -31,7 +31,7 @@ from geodino.eval.features import progress_bar
 log = logging.getLogger("geodino")
 
 
-def _cosine(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
+def cosine_schedule(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -103,7 +103,7 @@ def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, multilabe
     probe = LinearProbe(d, n_classes, mean, std).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(1, epochs * math.ceil(n / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
     g = torch.Generator().manual_seed(seed)
     xd, yd = x.to(device), y.to(device)
     bar = progress_bar(range(epochs), epochs, "linear probe", progress)
@@ -286,6 +286,24 @@ class DenseModel(nn.Module):
         return (out * self.t_std + self.t_mean).clamp_min(0.0)
 
 
+def dense_loss(model: DenseModel, out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+               ignore_index: int | None) -> torch.Tensor | None:
+    """Seg: cross-entropy ignoring `ignore_index` and padding (-1); reg: L1 on standardised heights at valid
+    pixels. None when a batch has nothing to learn from. Shared by cached-feature and image training."""
+    if model.kind == "seg":
+        t = target.long()
+        if ignore_index is not None:
+            t = t.masked_fill(t == ignore_index, -1)
+        if not bool((t >= 0).any()):
+            return None
+        return F.cross_entropy(out, t, ignore_index=-1)
+    v = valid.bool()
+    if not bool(v.any()):
+        return None
+    z = (target.float() - model.t_mean) / model.t_std
+    return (out[:, 0] - z).abs()[v].mean()
+
+
 def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, valid: np.ndarray | None = None,
                      ignore_index: int | None = None, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4,
                      batch_size: int = 8, device: torch.device | str = "cpu", seed: int = 0,
@@ -298,7 +316,7 @@ def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, 
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(1, epochs * math.ceil(n / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps, warmup=min(100, steps // 10)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, warmup=min(100, steps // 10)))
     g = torch.Generator().manual_seed(seed)
     bar = progress_bar(range(epochs), epochs, desc, progress)
     last = float("nan")
@@ -311,19 +329,10 @@ def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, 
             x = torch.from_numpy(np.array(feats[idx])).to(device).float()
             t = torch.from_numpy(np.array(targets[idx])).to(device)
             out = model.logits(x, size)
-            if model.kind == "seg":
-                t = t.long()
-                if ignore_index is not None:
-                    t = t.masked_fill(t == ignore_index, -1)
-                if not bool((t >= 0).any()):
-                    continue
-                loss = F.cross_entropy(out, t, ignore_index=-1)
-            else:
-                v = torch.from_numpy(np.array(valid[idx])).to(device).bool()
-                if not bool(v.any()):
-                    continue
-                z = (t.float() - model.t_mean) / model.t_std
-                loss = (out[:, 0] - z).abs()[v].mean()
+            loss = dense_loss(model, out, t, None if valid is None else torch.from_numpy(np.array(valid[idx])).to(device),
+                              ignore_index)
+            if loss is None:
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

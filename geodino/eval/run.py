@@ -70,7 +70,8 @@ class EvalContext:
         self.num_workers = int(cfg.get("num_workers", 0) or 0)
         self.n_figures = int(cfg.get("n_figures", 3) or 0)
         self.cache_log: dict[str, str] = {}
-        self.models: dict[str, torch.nn.Module] = {}  # trained heads (and fine-tuned models) by name
+        self.saved_heads: dict[str, str] = {}  # name -> checkpoint path (save_heads=true)
+        self._scratch: FeatureCache | None = None
         self._backbones: dict[Any, torch.nn.Module] = {}
         self._extractors: dict[Any, Any] = {}
 
@@ -100,9 +101,16 @@ class EvalContext:
             self._extractors[id(model)] = Extractor(model, self.device, layers=layers)
         return self._extractors[id(model)]
 
-    def keep_model(self, name: str, model: torch.nn.Module) -> None:
-        """A trained head / model of this run (checkpointed with ``save_heads=true``)."""
-        self.models[name] = model
+    def scratch_cache(self) -> FeatureCache:
+        """Features that are not worth keeping (a fine-tuned backbone's): a folder in the run dir, removed at the
+        end of the run."""
+        if self._scratch is None:
+            self._scratch = FeatureCache(self.run_dir / "_scratch_features")
+        return self._scratch
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch.root, ignore_errors=True)
 
     def note_cache(self, what: str, hit: bool) -> None:
         self.cache_log[what] = "hit" if hit else ("written" if self.persistent else "disabled")
@@ -154,6 +162,7 @@ def _run_in(cfg: DictConfig, task: str, runner, root: Path, device: torch.device
     try:
         return _evaluate(cfg, task, runner, root, ctx, run_dir, device, None if temporary else cache_root)
     finally:
+        ctx.close()
         if temporary:
             shutil.rmtree(cache_root, ignore_errors=True)
 
@@ -185,6 +194,7 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
         "device": str(device),
         **metrics,
         "feature_cache": {"dir": None if cache_root is None else str(cache_root), **ctx.cache_log},
+        **({"checkpoints": ctx.saved_heads} if ctx.saved_heads else {}),
         "seconds": round(elapsed, 2),
     }
     results = json_safe(results)
