@@ -44,7 +44,7 @@ PAIRWISE_STAGES = {
 # names the verbs accept, kept beside their owners' lists by tests/test_schema.py
 SENSORS = ("sentinel2", "landsat8", "landsat9", "naip")  # geodino.data.sources.raster.SENSOR_DATASETS
 TEMPLATE_SETS = ("default", "rs", "openai", "simple", "none")  # geodino.segment.open_vocab.TEMPLATES
-DENSE_HEADS = ("linear", "light_decoder", "decoder", "dpt")  # geodino.eval.probes.build_dense_head
+DENSE_HEADS = ("linear", "light_decoder", "decoder", "dpt", "upernet")  # geodino.eval.probes.build_dense_head
 EXPORT_FORMATS = ("official", "safetensors")  # geodino.models.weights.EXPORT_FORMATS
 CURATE_ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")  # geodino.verbs.curate.ACTIONS
 LOVEDA_SCENES = ("urban", "rural")  # geodino.eval.datasets.loveda.SCENES

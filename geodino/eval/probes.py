@@ -9,6 +9,7 @@
   segmentation head); logits are bilinearly upsampled to pixel resolution before the loss.
 * `LightDecoder`: two 3x3 conv + BN + GELU stages with 2x upsampling in between, then a 1x1 conv.
 * `DPTHead`: segmentation-models-pytorch's DPT decoder on the tokens of several layers (``task.layers``).
+* `UperNetHead`: a multi-level neck + segmentation-models-pytorch's UperNet decoder on several layers.
 * `train_dense_head`: trains either head on cached window features for segmentation (cross-entropy
   with ignored pixels) or regression (L1 on valid pixels, targets standardised by train statistics).
 All run on CPU or GPU; progress bars come from geodino.eval.features.progress_bar.
@@ -237,7 +238,48 @@ class DPTHead(nn.Module):
         return y[..., : h * 8, : w * 8]
 
 
-DENSE_HEADS = ("linear", "light_decoder", "dpt")
+class UperNetHead(nn.Module):
+    """UperNet (Xiao et al. 2018; the LoveDA head of the DINOv3 paper) on the tokens of several layers: a
+    multi-level neck (per layer a 1x1 conv to ``hidden`` channels, then bilinear resizing by 4, 2, 1, 1/2, ... of the
+    token grid, as mmsegmentation's ViT + UperNet does) builds the pyramid a plain ViT lacks, and
+    segmentation-models-pytorch's `UPerNetDecoder` (PSP on the coarsest level, FPN, fusion at the finest) decodes
+    it; a 1x1 conv gives the classes at 4x the token grid. Written around smp's decoder because smp's UPerNet model
+    needs a hierarchical encoder, while the frozen DINOv3 ViT gives single-scale tokens."""
+
+    def __init__(self, layer_dims: Sequence[int], n_out: int, hidden: int = 256):
+        super().__init__()
+        from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+
+        self.layer_dims = [int(d) for d in layer_dims]
+        self.n_out = int(n_out)
+        k = len(self.layer_dims)
+        self.scales = [4.0 / 2 ** i for i in range(k)]
+        self.neck = nn.ModuleList([nn.Conv2d(d, hidden, 1) for d in self.layer_dims])
+        # smp skips its first two (1/1, 1/2) entries: two placeholders, then our k levels
+        self.decoder = UPerNetDecoder(encoder_channels=[0, 0] + [hidden] * k, encoder_depth=max(3, k + 1),
+                                      decoder_channels=hidden)
+        self.out = nn.Conv2d(hidden, n_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != sum(self.layer_dims):
+            raise GeodinoError(f"UperNet head built for layers of {self.layer_dims} channels (sum {sum(self.layer_dims)}) "
+                               f"got features with {x.shape[1]} channels")
+        h, w = x.shape[-2:]
+        levels = []
+        for f, conv, s in zip(torch.split(x, self.layer_dims, dim=1), self.neck, self.scales):
+            size = (max(1, math.ceil(h * s)), max(1, math.ceil(w * s)))
+            levels.append(F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False))
+        return self.out(self.decoder([x, x] + levels))
+
+
+DENSE_HEADS = ("linear", "light_decoder", "dpt", "upernet")
+
+
+def _split_dims(dim: int, layer_dims: Sequence[int] | None) -> list[int]:
+    dims = list(layer_dims) if layer_dims else [dim]
+    if sum(dims) != dim:
+        raise GeodinoError(f"layer_dims {dims} do not add up to the feature width {dim}")
+    return dims
 
 
 def build_dense_head(kind: str, dim: int, n_out: int, hidden: int = 128,
@@ -248,10 +290,9 @@ def build_dense_head(kind: str, dim: int, n_out: int, hidden: int = 128,
     if kind in ("light_decoder", "decoder"):
         return LightDecoder(dim, n_out, hidden)
     if kind == "dpt":
-        dims = list(layer_dims) if layer_dims else [dim]
-        if sum(dims) != dim:
-            raise GeodinoError(f"layer_dims {dims} do not add up to the feature width {dim}")
-        return DPTHead(dims, n_out, hidden)
+        return DPTHead(_split_dims(dim, layer_dims), n_out, hidden)
+    if kind == "upernet":
+        return UperNetHead(_split_dims(dim, layer_dims), n_out, hidden)
     raise GeodinoError(f"unknown head '{kind}'; choose one of: {', '.join(DENSE_HEADS)}")
 
 

@@ -8,7 +8,7 @@ from fakes.eval_fakes import eval_argv, read_results
 
 from geodino import cli
 from geodino.errors import GeodinoError
-from geodino.eval.probes import DPTHead, LinearSegHead, build_dense_head
+from geodino.eval.probes import DPTHead, LinearSegHead, UperNetHead, build_dense_head
 from geodino.models import load_backbone
 from geodino.models.extract import Extractor
 
@@ -30,6 +30,8 @@ def test_layers_concatenate_on_the_patch_grid_and_dpt_splits_them(name, layers, 
     head = build_dense_head("dpt", g.shape[1], 7, hidden=16, layer_dims=ext.layer_dims)
     assert isinstance(head, DPTHead)
     assert head(g.clone()).shape == (2, 7, 8 * grid[0], 8 * grid[1])  # DPT: 1/2 of the 16-px input grid
+    up = build_dense_head("upernet", g.shape[1], 7, hidden=16, layer_dims=ext.layer_dims)
+    assert isinstance(up, UperNetHead) and up(g.clone()).shape == (2, 7, 4 * grid[0], 4 * grid[1])
     lin = build_dense_head("linear", g.shape[1], 7)
     assert isinstance(lin, LinearSegHead) and lin(g.clone()).shape == (2, 7, *grid)
 
@@ -54,13 +56,14 @@ def test_bad_layer_indices_are_one_clear_error():
 
 
 def test_dpt_head_overfits_a_tiny_fake_loveda(loveda_root, tmp_path):
-    """The head and loss path: a DPT on two layers of the tiny ViT memorises 4 training tiles whose 8-px class
-    blocks are finer than its 16-px tokens; the linear head on the same features cannot resolve them."""
+    """The head and loss path: a DPT (and an UperNet) on two layers of the tiny ViT memorises 4 training tiles whose
+    8-px class blocks are finer than its 16-px tokens; the linear head on the same features cannot resolve them."""
     argv = eval_argv("loveda", loveda_root, tmp_path, "task.window=32", "task.stride=32", "task.eval_split=train",
-                     "task.head=[dpt,linear]", "task.layers=2", "task.epochs=60", "task.lr=3e-3", "task.batch_size=4",
+                     "task.head=[dpt,upernet,linear]", "task.layers=2", "task.epochs=60", "task.lr=3e-3", "task.batch_size=4",
                      "task.decoder_dim=32", "n_figures=0")
     assert cli.main(argv) == 0
     r = read_results(tmp_path / "run")
     assert r["heads"]["dpt"]["miou"] >= 95.0
+    assert r["heads"]["upernet"]["miou"] >= 90.0
     assert r["heads"]["linear"]["miou"] < 60.0
-    assert r["protocol"]["heads"] == ["dpt", "linear"]
+    assert r["protocol"]["heads"] == ["dpt", "upernet", "linear"]
