@@ -141,6 +141,17 @@ class Path(Check):
         return None if isinstance(v, (str, int, float)) and not isinstance(v, bool) else "not a path"
 
 
+class Pattern(Check):
+    """A string matching a regular expression (whole string)."""
+
+    def __init__(self, regex: str, example: str):
+        self.regex = re.compile(regex)
+        self.allowed = f"a string like '{example}'"
+
+    def problem(self, v):
+        return None if isinstance(v, str) and self.regex.fullmatch(v) else "not of that form"
+
+
 class OneOf(Check):
     def __init__(self, *choices: str, ignore_case: bool = False, note: str = ""):
         self.choices, self.ignore_case = choices, ignore_case
@@ -508,14 +519,17 @@ TASK: dict[str, Entry] = {
     "seg_epochs": Opt(Int(ge=1)),
     "lr": Float(gt=0),
     "lrs": Opt(List(Float(gt=0), min_len=1)),  # the learning-rate grid (null: [lr])
+    "seg_lrs": Opt(List(Float(gt=0), min_len=1)),  # GEO-Bench segmentation heads' grid (null: lrs)
     "val_split": Opt(Str()),  # where a sweep is scored (null: hold out val_fraction of the training tiles)
     "val_fraction": Float(gt=0, lt=1),
     "weight_decay": Float(ge=0),
     "batch_size": Int(ge=1),
     "feature_batch_size": Opt(Int(ge=1)),
     "decoder_dim": Int(ge=1),
-    "layers": AnyOf(Int(ge=1), List(Int(ge=0), 1),
-                    allowed="an int n >= 1 (the last n blocks), or a list of 0-based block indices"),
+    "layers": AnyOf(Int(ge=1), List(Int(ge=0), 1), Pattern(r"spaced:[1-9][0-9]*", "spaced:N"),
+                    allowed="an int n >= 1 (the last n blocks), 'spaced:N' (N evenly spaced blocks), or a list of "
+                            "0-based block indices"),
+    "protocol": Str(),  # a name for the settings (quick | paper), recorded in results.json
     "train_split": Str(),
     "eval_split": Str(),
     "augment": List(OneOf(*AUGMENTATIONS)),

@@ -41,7 +41,7 @@ from geodino.errors import GeodinoError
 from geodino.eval.dense import TileSet, window_positions
 from geodino.eval.features import pad_to, progress_bar
 from geodino.eval.probes import DenseModel, cosine_schedule, build_dense_head, dense_loss
-from geodino.models.extract import features, list_or_int, normalize_layers
+from geodino.models.extract import features, list_or_int, n_blocks, normalize_layers
 from geodino.models.weights import official_state_dict
 from geodino.train.loop import param_groups
 
@@ -190,7 +190,7 @@ class DenseNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.model = model
-        self.layers = normalize_layers(layers)
+        self.layers = normalize_layers(layers, n_blocks(backbone))
         self.contract = backbone.geodino_contract
 
     def logits(self, x01: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,7 @@ def _layer_dims(backbone: nn.Module, layers, in_chans: int, window: int) -> list
 
 def build_net(backbone: nn.Module, head_kind: str, n_out: int, kind: str, layers, window: int, hidden: int = 128,
               allowed: Sequence[int] | None = None, t_mean: float = 0.0, t_std: float = 1.0) -> DenseNet:
-    dims = _layer_dims(backbone, normalize_layers(layers), backbone.geodino_contract.in_chans, window)
+    dims = _layer_dims(backbone, normalize_layers(layers, n_blocks(backbone)), backbone.geodino_contract.in_chans, window)
     head = build_dense_head(head_kind, sum(dims), n_out, hidden, dims)
     return DenseNet(backbone, DenseModel(head, kind, allowed_classes=allowed, target_mean=t_mean, target_std=t_std),
                     layers)
@@ -301,7 +301,7 @@ def load_dense_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
         raise GeodinoError(f"{path} holds no dense head ('{DENSE_HEAD_KEY}' entry): write one with "
                            "geodino eval ... save_heads=true")
     backbone = load_backbone(str(path))
-    layers = normalize_layers(rec["layers"])
+    layers = normalize_layers(rec["layers"], n_blocks(backbone))
     dims = _layer_dims(backbone, layers, backbone.geodino_contract.in_chans, int(rec["window"]))
     head = build_dense_head(rec["head"], sum(dims), int(rec["n_out"]), int(rec["hidden"]), dims)
     model = DenseModel(head, rec["kind"])

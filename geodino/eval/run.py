@@ -101,6 +101,13 @@ class EvalContext:
             self._extractors[id(model)] = Extractor(model, self.device, layers=layers)
         return self._extractors[id(model)]
 
+    def layers_used(self):
+        """The blocks the heads read, resolved on the backbone (``spaced:4`` -> [5, 11, 17, 23] on a ViT-L)."""
+        from geodino.models.extract import list_or_int
+
+        ex = next(iter(self._extractors.values()), None)
+        return None if ex is None else list_or_int(ex.layers)
+
     def scratch_cache(self) -> FeatureCache:
         """Features that are not worth keeping (a fine-tuned backbone's): a folder in the run dir, removed at the
         end of the run."""

@@ -5,7 +5,8 @@
 under ``inference_mode`` (bf16 autocast on CUDA).
 
 ``layers`` picks the blocks whose tokens are returned: ``1`` is the final normalised output (``forward_features``);
-an int ``n > 1`` is the last n blocks and a list names 0-based block indices (ViT blocks, ConvNeXt stages), each
+an int ``n > 1`` is the last n blocks, ``"spaced:N"`` N evenly spaced blocks ending at the last (the DINOv3 dense
+heads' choice: ViT-L 5/11/17/23) and a list names 0-based block indices (ViT blocks, ConvNeXt stages), each
 through the final norm (``get_intermediate_layers``), concatenated along channels in the order given — the
 multi-layer features of the DINOv2/v3 linear and DPT evaluations. ``layer_dims`` says how many channels each layer
 takes in the concatenation, so a head can split them again (`geodino.eval.probes.DPTHead`). Every layer is put on
@@ -16,6 +17,7 @@ bilinearly to it, as the reference's ``patch_size`` option does).
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import torch
@@ -34,11 +36,25 @@ def token_grid(n_tokens: int, h: int, w: int) -> tuple[int, int]:
     raise GeodinoError(f"cannot arrange {n_tokens} patch tokens on a grid for a {h}x{w} input")
 
 
-def normalize_layers(layers: int | Sequence[int] | None) -> int | tuple[int, ...]:
+def spaced_layers(n: int, n_blocks: int) -> tuple[int, ...]:
+    """``n`` evenly spaced block indices ending at the last block: ViT-L (24 blocks), 4 -> (5, 11, 17, 23); ViT-7B
+    (40) -> (9, 19, 29, 39), the layers the DINOv3 dense heads read. More than ``n_blocks`` gives every block."""
+    n = min(int(n), int(n_blocks))
+    return tuple(sorted({(i + 1) * n_blocks // n - 1 for i in range(n)}))
+
+
+def normalize_layers(layers: int | Sequence[int] | str | None, n_blocks: int | None = None) -> int | tuple[int, ...]:
     """``None`` -> 1; an int n >= 1 stays; a sequence becomes a tuple of block indices (checked against the model
-    by `Extractor`)."""
+    by `Extractor`); ``"spaced:N"`` becomes `spaced_layers` (needs `n_blocks`)."""
     if layers is None:
         return 1
+    if isinstance(layers, str):
+        m = re.fullmatch(r"spaced:(\d+)", layers.strip())
+        if not m or int(m.group(1)) < 1:
+            raise GeodinoError(f"layers={layers!r}: a string must be 'spaced:N' (N evenly spaced blocks), N >= 1")
+        if n_blocks is None:
+            raise GeodinoError(f"layers={layers!r} needs the backbone's block count")
+        return spaced_layers(int(m.group(1)), n_blocks)
     if isinstance(layers, int) or (isinstance(layers, float) and float(layers).is_integer()):
         n = int(layers)
         if n < 1:
@@ -66,7 +82,7 @@ class Extractor:
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.device = device
-        self.layers = normalize_layers(layers)
+        self.layers = normalize_layers(layers, n_blocks(backbone))
         self.contract = backbone.geodino_contract
         self.patch_size = self.contract.patch_size
         self.token_stride = int(backbone.token_stride)

@@ -55,7 +55,7 @@ def run(ctx) -> dict:
     first = next(iter(res["heads"]))
     r = res["heads"][first]
     return {
-        "protocol": {"split": f"train on {train_split}, evaluate on {eval_split}", "window": window, "stride": stride,
+        "protocol": {"name": str(t.get("protocol", "quick")), "layers": ctx.layers_used(), "split": f"train on {train_split}, evaluate on {eval_split}", "window": window, "stride": stride,
                      "block_size_px": block, "block_size_m": (block * float(gsd)) if gsd else None,
                      "border_px": int(t.get("border", 3)), "heads": list(res["heads"]), "loss": "L1 on standardised heights",
                      "epochs": int(t.epochs), "lrs": lr_grid(t), "lr_selected_on": val_split, "max_height_m": max_h},

@@ -176,11 +176,12 @@ class DenseFitter:
 
 
 def fit_with_sweep(ctx, fit, score, higher_is_better: bool, val_split: str | None, can_score: bool,
-                   refit=None, refit_split: str | None = None) -> tuple[Fitted, dict]:
+                   refit=None, refit_split: str | None = None, lrs: Sequence[float] | None = None
+                   ) -> tuple[Fitted, dict]:
     """`fit(lr)` over the grid (``task.lrs``, else ``[task.lr]``); with several learning rates each model is scored
     on the validation split and the best kept — refitted by `refit(lr)` (on train + val) when given. Returns the
     model to report and the sweep record for results.json."""
-    lrs = lr_grid(ctx.task)
+    lrs = list(lrs) if lrs else lr_grid(ctx.task)
     if len(lrs) == 1:
         return fit(lrs[0]), {"grid": lrs, "best_lr": lrs[0], "val": {}, "selected_on": None}
     if not can_score:
@@ -234,15 +235,16 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
                           exclude_from_mean: Sequence[int] = (), dataset_id: dict, transform: dict,
                           train_split: str, eval_split: str, tag: str = "", epochs: int | None = None,
                           val_tiles: TileSet | None = None, val_split: str | None = None,
-                          refit_tiles: TileSet | None = None, refit_split: str | None = None) -> dict:
-    """Fit each configured head (sweeping ``task.lrs`` on `val_tiles`, refitting on `refit_tiles` when given),
-    evaluate stitched `eval_tiles`, per-group mIoU."""
+                          refit_tiles: TileSet | None = None, refit_split: str | None = None,
+                          lrs: Sequence[float] | None = None) -> dict:
+    """Fit each configured head (sweeping `lrs` — default ``task.lrs`` — on `val_tiles`, refitting on
+    `refit_tiles` when given), evaluate stitched `eval_tiles`, per-group mIoU."""
     t = ctx.task
     allowed = [c for c in range(num_classes) if c != ignore_index]
     metric_args = (num_classes, ignore_index, exclude_from_mean, class_names)
     fitter = DenseFitter(ctx, extractor, "seg", num_classes, train_tiles, train_spec, train_split, dataset_id,
                          transform, int(t.epochs if epochs is None else epochs), ignore_index, allowed)
-    sweeping = len(lr_grid(t)) > 1
+    sweeping = len(lrs or lr_grid(t)) > 1
     fs_eval = fitter.features(extractor, eval_tiles, eval_spec, eval_split)
     out: dict = {"heads": {}, **_protocol_of(t)}
     for head_kind in heads_of(t.get("head")):
@@ -254,7 +256,7 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
             ctx, lambda lr, k=head_kind: fitter.fit(k, lr), score, True, val_split, val_tiles is not None,
             refit=None if not (sweeping and refit_tiles is not None) else
             (lambda lr, k=head_kind: fitter.fit(k, lr, refit_tiles, str(refit_split))),
-            refit_split=refit_split)
+            refit_split=refit_split, lrs=lrs)
         fs = fitter.features(fitted.extractor, eval_tiles, eval_spec, eval_split)
         res, metric = score_segmentation(ctx, fitted.model, fs, metric_args, eval_tiles, f"{head_kind}{tag}")
         res["lr"] = sweep["best_lr"]

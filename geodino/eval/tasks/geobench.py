@@ -162,7 +162,8 @@ def eval_segmentation(ctx, task: GeobenchTask, extractor, band_mode, scaling) ->
     t = ctx.task
     limit = t.get("max_samples")
     trainval = bool(t.get("train_on_trainval", True))
-    sweeping = len(lr_grid(t)) > 1
+    seg_lrs = [float(v) for v in (t.get("seg_lrs") or lr_grid(t))]
+    sweeping = len(seg_lrs) > 1
     valid_names = task.names("valid", limit)
     # a sweep fits on train, picks on valid and refits on train + valid; one learning rate fits on train + valid
     fit_names = task.names("train", limit) + (valid_names if trainval and not sweeping else [])
@@ -191,7 +192,7 @@ def eval_segmentation(ctx, task: GeobenchTask, extractor, band_mode, scaling) ->
         exclude_from_mean=exclude, dataset_id=dataset_id,
         transform={"bands": band_mode, "scaling": scaling, "pad": "bottom-right to window"},
         train_split=fit_split, eval_split="test", tag=f"_{task.name}",
-        epochs=None if seg_epochs is None else int(seg_epochs), **sweep_kw,
+        epochs=None if seg_epochs is None else int(seg_epochs), lrs=seg_lrs, **sweep_kw,
     )
     first = next(iter(res["heads"]))
     return {"type": "segmentation", "n_classes": task.n_classes,
@@ -246,7 +247,8 @@ def run(ctx) -> dict:
             for p, r in v["probes"].items():
                 headline[f"{name} {p}"] = r["score"]
     return {
-        "protocol": {"bands": band_mode, "scaling": f"{scaling} per band from band_stats.json, then backbone mean/std",
+        "protocol": {"name": str(t.get("protocol", "quick")), "layers": ctx.layers_used(),
+                     "bands": band_mode, "scaling": f"{scaling} per band from band_stats.json, then backbone mean/std",
                      "partition": str(t.get("partition", "default")), "train_on_trainval": bool(t.get("train_on_trainval", True)),
                      "classification": "kNN (cosine, T=0.07) and linear probe on the CLS token; accuracy / multilabel F1 "
                                        "(micro, 0.5) on test",

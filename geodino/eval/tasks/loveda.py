@@ -51,6 +51,7 @@ def run(ctx) -> dict:
     headline = {f"mIoU ({h}, {eval_split})": r["miou"] for h, r in res["heads"].items()}
     return {
         "protocol": {
+            "name": str(t.get("protocol", "quick")), "layers": ctx.layers_used(),
             "split": f"train on {train_split}, evaluate on {eval_split}",
             "scenes": scenes,
             "metric": "MulticlassJaccardIndex(num_classes=8, ignore_index=0, average='macro') = mIoU over classes 1..7",
