@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from geodino.errors import GeodinoError
 from geodino.eval.features import FeatureCache, backbone_fingerprint, contract_hash
 from geodino.eval.published import PUBLISHED, published_markdown
-from geodino.eval.report import write_report
+from geodino.eval.report import eval_figures, eval_markdown, write_report
 from geodino.models import load_backbone
 from geodino.models.extract import Extractor
 from geodino.models.registry import is_arch
@@ -209,7 +209,8 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
     # the published numbers go into the JSON and a section of their own, not into our metric table
     published = copy.deepcopy(PUBLISHED.get(task, {}))
     warning = f"RANDOM backbone weights: {cfg.backbone} was loaded without weights=" if random_weights else ""
-    appendix = published_markdown(task)
+    figures = eval_figures(results, run_dir / "figures") if ctx.n_figures > 0 else {}
+    appendix = eval_markdown(results, figures) + "\n" + published_markdown(task)
     if warning:
         appendix = f"\n> **Warning: {warning}; these numbers are a random-feature baseline.**\n\n{appendix}"
     _, md = write_report(run_dir, results, config=config, title=f"geodino eval {task} — {cfg.backbone}",

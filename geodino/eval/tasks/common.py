@@ -261,7 +261,9 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
         res, metric = score_segmentation(ctx, fitted.model, fs, metric_args, eval_tiles, f"{head_kind}{tag}")
         res["lr"] = sweep["best_lr"]
         res["lr_sweep"] = sweep
-        res["confusion"] = metric.confusion().tolist()
+        res["confusion"] = metric.confusion().long().tolist()  # rows: truth, columns: prediction
+        res["confusion_classes"] = list(class_names)
+        res["ignore_index"] = ignore_index
         out["heads"][head_kind] = res
         fitter.save(fitted, f"{head_kind}{tag}", head_kind, class_names)
     _pca_figure(ctx, extractor, eval_tiles, eval_spec, tag)
