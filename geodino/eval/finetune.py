@@ -17,20 +17,18 @@ which two protocol settings need:
 
 `train_on_images` returns the trained backbone and head; evaluation then extracts windows with the trained
 backbone through the same `Extractor` path as frozen features (so stitching and metrics are shared), and
-`save_dense_checkpoint` writes a backbone file (LoRA merged into the base weights, so it loads with
-`geodino.models.load_backbone` anywhere) with the head beside it, which `geodino.segment.heads` applies to rasters.
+`save_dense_checkpoint` writes a backbone file (LoRA merged into the base weights by `merged_state_dict`, so it
+loads with `geodino.models.load_backbone` anywhere) with the head beside it, which `geodino.segment.heads` applies to rasters.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision import tv_tensors
@@ -42,7 +40,6 @@ from geodino.eval.dense import TileSet, window_positions
 from geodino.eval.features import pad_to, progress_bar
 from geodino.eval.probes import DenseModel, cosine_schedule, build_dense_head, dense_loss
 from geodino.models.extract import features, list_or_int, n_blocks, normalize_layers
-from geodino.models.weights import official_state_dict
 from geodino.train.loop import param_groups
 
 log = logging.getLogger("geodino")
@@ -100,7 +97,8 @@ def build_augment(names: Sequence[str] | None, window: int, crop_scale: Sequence
         elif name == "brightness":
             ops.append(_Brightness())
         else:
-            raise GeodinoError(f"unknown augmentation '{name}' in task.augment; choose from: {', '.join(AUGMENTATIONS)}")
+            raise GeodinoError(f"unknown augmentation '{name}' in task.augment; "
+                               f"choose from: {', '.join(AUGMENTATIONS)}")
     return v2.Compose(ops)
 
 
@@ -165,21 +163,26 @@ def prepare_backbone(backbone: nn.Module, mode: str, r: int = 8, alpha: float = 
     return backbone
 
 
-def merged_backbone(backbone: nn.Module) -> nn.Module:
-    """A copy with every LoRA adapter merged into its base layer and the adapter modules removed: a plain geodino
-    backbone whose official state dict any loader reads."""
-    model = copy.deepcopy(backbone)
+@torch.no_grad()
+def merged_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's official-key weights on the CPU with every LoRA adapter merged into its base weight
+    (``W + scale * B @ A``) and the adapter keys dropped: a plain geodino backbone any loader reads. Computed
+    from the state dict, so the model itself (possibly a 7B on a GPU) is neither copied nor moved."""
     try:
         from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return model
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    return model
+    except ImportError:  # pragma: no cover - peft is a declared dependency
+        LoraLayer = ()
+    lora = {name: m for name, m in backbone.named_modules() if LoraLayer and isinstance(m, LoraLayer)}
+    sd = {}
+    for k, v in backbone.state_dict().items():
+        if "lora_" in k:
+            continue
+        sd[k.replace(".base_layer.", ".")] = v.detach().to("cpu", copy=True).contiguous()
+    for name, m in lora.items():
+        w = sd[f"{name}.weight"]
+        for adapter in m.active_adapters:
+            w += m.get_delta_weight(adapter).detach().to("cpu", w.dtype)
+    return sd
 
 
 class DenseNet(nn.Module):
@@ -211,7 +214,8 @@ def _layer_dims(backbone: nn.Module, layers, in_chans: int, window: int) -> list
 
 def build_net(backbone: nn.Module, head_kind: str, n_out: int, kind: str, layers, window: int, hidden: int = 128,
               allowed: Sequence[int] | None = None, t_mean: float = 0.0, t_std: float = 1.0) -> DenseNet:
-    dims = _layer_dims(backbone, normalize_layers(layers, n_blocks(backbone)), backbone.geodino_contract.in_chans, window)
+    layers = normalize_layers(layers, n_blocks(backbone))
+    dims = _layer_dims(backbone, layers, backbone.geodino_contract.in_chans, window)
     head = build_dense_head(head_kind, sum(dims), n_out, hidden, dims)
     return DenseNet(backbone, DenseModel(head, kind, allowed_classes=allowed, target_mean=t_mean, target_std=t_std),
                     layers)
@@ -279,14 +283,13 @@ def save_dense_checkpoint(path: str | Path, net: DenseNet, *, head_kind: str, hi
     """A backbone file (``format: geodino-backbone``, LoRA merged) with the head under ``dense_head``: loads with
     `load_backbone(path)` as a backbone and with `geodino.segment.heads.DenseSegmenter.from_checkpoint(path)` as
     a segmenter."""
-    backbone = merged_backbone(net.backbone).cpu()
-    head = net.model.cpu()
-    payload = backbone_payload(official_state_dict(backbone), backbone.geodino_contract, **{DENSE_HEAD_KEY: {
-        "kind": net.model.kind, "head": head_kind, "hidden": int(hidden), "n_out": int(head.head.n_out),
+    head = net.model
+    payload = backbone_payload(merged_state_dict(net.backbone), net.contract, **{DENSE_HEAD_KEY: {
+        "kind": head.kind, "head": head_kind, "hidden": int(hidden), "n_out": int(head.head.n_out),
         "layers": list_or_int(net.layers), "window": int(window),
         "class_names": None if class_names is None else [str(c) for c in class_names],
         "ignore_index": ignore_index, "finetune": finetune, "task": task,
-        "state": {k: v.detach().clone() for k, v in head.state_dict().items()}, **(extra or {})}})
+        "state": {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}, **(extra or {})}})
     return save_atomic(plain(payload, str(path)), path)
 
 

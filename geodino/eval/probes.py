@@ -69,7 +69,8 @@ def sweep_lr(lrs: Sequence[float], fit: Callable[[float], object], score: Callab
         sc = float(score(model))
         curve[f"{lr:g}"] = sc
         ok = math.isfinite(sc)
-        if best_lr is None or (ok and (best_score is None or (sc > best_score if higher_is_better else sc < best_score))):
+        improves = best_score is None or (sc > best_score if higher_is_better else sc < best_score)
+        if best_lr is None or (ok and improves):
             best_lr, best_model, best_score = float(lr), model, (sc if ok else None)
         log.info("lr sweep: lr %g -> %.4f", lr, sc)
     return best_lr, best_model, curve
@@ -262,8 +263,8 @@ class UperNetHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != sum(self.layer_dims):
-            raise GeodinoError(f"UperNet head built for layers of {self.layer_dims} channels (sum {sum(self.layer_dims)}) "
-                               f"got features with {x.shape[1]} channels")
+            raise GeodinoError(f"UperNet head built for layers of {self.layer_dims} channels "
+                               f"(sum {sum(self.layer_dims)}) got features with {x.shape[1]} channels")
         h, w = x.shape[-2:]
         levels = []
         for f, conv, s in zip(torch.split(x, self.layer_dims, dim=1), self.neck, self.scales):
@@ -370,8 +371,8 @@ def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, 
             x = torch.from_numpy(np.array(feats[idx])).to(device).float()
             t = torch.from_numpy(np.array(targets[idx])).to(device)
             out = model.logits(x, size)
-            loss = dense_loss(model, out, t, None if valid is None else torch.from_numpy(np.array(valid[idx])).to(device),
-                              ignore_index)
+            v = None if valid is None else torch.from_numpy(np.array(valid[idx])).to(device)
+            loss = dense_loss(model, out, t, v, ignore_index)
             if loss is None:
                 continue
             opt.zero_grad(set_to_none=True)

@@ -5,7 +5,8 @@ merged — and its dense head) to a raster of any size.
 identity: the classes are the head's), so a head checkpoint is applied with the same tiled, bounded-memory, blended
 GeoTIFF writer as open-vocabulary segmentation: same CRS, transform and size as the input, label values 1..K for the
 head's classes in order (a class the task ignores, e.g. LoveDA's no-data, never wins), a score band, a preview and a
-summary. From Python: ``geodino.segment.run.apply_head(checkpoint, "scene.tif", "scene_seg.tif")``; from the CLI: ``geodino segment checkpoint=<run>/heads/dpt.pt input=scene.tif out=scene_seg.tif``
+summary. From Python: ``geodino.segment.run.apply_head(checkpoint, "scene.tif", "scene_seg.tif")``; from the CLI:
+``geodino segment checkpoint=<run>/heads/dpt.pt input=scene.tif out=scene_seg.tif``
 (``prompts`` default to the head's class names). Segmentation heads only; a regression head (canopy height) is
 refused with a message.
 """

@@ -124,7 +124,8 @@ class DenseFitter:
                                    cache=self.ctx.scratch_cache())
         key = (split, spec.window, spec.stride)
         if key not in self._frozen:
-            self._frozen[key] = window_features(self.ctx, extractor, tiles, spec, split, self.dataset_id, self.transform)
+            self._frozen[key] = window_features(self.ctx, extractor, tiles, spec, split, self.dataset_id,
+                                                self.transform)
         return self._frozen[key]
 
     def fit(self, head_kind: str, lr: float, tiles: TileSet | None = None, split: str | None = None) -> Fitted:
@@ -151,11 +152,13 @@ class DenseFitter:
         torch.manual_seed(ctx.seed)
         net = build_net(backbone, head_kind, self.n_out, self.kind, self.extractor.layers, self.train_spec.window,
                         hidden, allowed=self.allowed, t_mean=self.t_mean, t_std=self.t_std)
-        aug = build_augment(list(t.get("augment") or []), self.train_spec.window, list(t.get("crop_scale") or (0.5, 1.0)))
+        aug = build_augment(list(t.get("augment") or []), self.train_spec.window,
+                            list(t.get("crop_scale") or (0.5, 1.0)))
         data = WindowDataset(self.train_tiles if tiles is None else tiles, self.train_spec.window,
                              self.train_spec.stride, self.kind, aug)
         train_on_images(net, data, epochs=self.epochs, lr=float(lr), weight_decay=float(t.get("weight_decay", 1e-4)),
-                        layer_decay=float(t.get("layer_decay", 1.0)), backbone_lr_mult=float(t.get("backbone_lr_mult", 1.0)),
+                        layer_decay=float(t.get("layer_decay", 1.0)),
+                        backbone_lr_mult=float(t.get("backbone_lr_mult", 1.0)),
                         batch_size=int(t.batch_size), ignore_index=self.ignore_index, device=ctx.device, seed=ctx.seed,
                         num_workers=ctx.num_workers, progress=ctx.progress, desc=f"{desc} ({mode} backbone)")
         ext = self.extractor if mode == "none" else Extractor(net.backbone, ctx.device, layers=self.extractor.layers)
@@ -168,10 +171,9 @@ class DenseFitter:
             return
         path = ctx.run_dir / "heads" / f"{safe_name(name)}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_dense_checkpoint(path, fitted.net, head_kind=head_kind, hidden=int(ctx.task.get("decoder_dim", 128) or 128),
-                              window=self.train_spec.window, class_names=class_names, ignore_index=self.ignore_index,
+        save_dense_checkpoint(path, fitted.net, head_kind=head_kind,
+                              hidden=int(ctx.task.get("decoder_dim", 128) or 128), window=self.train_spec.window, class_names=class_names, ignore_index=self.ignore_index,
                               finetune=str(ctx.task.get("finetune", "none") or "none"), task=ctx.task_name, extra=extra)
-        fitted.net.to(ctx.device)
         ctx.saved_heads[name] = str(path)
 
 
@@ -245,8 +247,8 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
     fitter = DenseFitter(ctx, extractor, "seg", num_classes, train_tiles, train_spec, train_split, dataset_id,
                          transform, int(t.epochs if epochs is None else epochs), ignore_index, allowed)
     sweeping = len(lrs or lr_grid(t)) > 1
-    fs_eval = fitter.features(extractor, eval_tiles, eval_spec, eval_split)
     out: dict = {"heads": {}, **_protocol_of(t)}
+    fs = None
     for head_kind in heads_of(t.get("head")):
         def score(f: Fitted) -> float:
             return score_segmentation(ctx, f.model, fitter.features(f.extractor, val_tiles, eval_spec, str(val_split)),
@@ -271,8 +273,8 @@ def evaluate_segmentation(ctx, extractor, train_tiles: TileSet, eval_tiles: Tile
         out["n_train_windows"] = len(fitter.fs_train)
     else:
         out["n_train_windows"] = len(WindowDataset(train_tiles, train_spec.window, train_spec.stride, "seg"))
-    out["n_eval_tiles"] = int(fs_eval.meta["n_tiles"])
-    out["n_eval_windows"] = len(fs_eval)
+    out["n_eval_tiles"] = int(fs.meta["n_tiles"])
+    out["n_eval_windows"] = len(fs)
     return out
 
 
@@ -316,7 +318,7 @@ def evaluate_regression(ctx, extractor, train_tiles: TileSet, eval_tiles: TileSe
         raise GeodinoError(f"the {train_split} split has no valid canopy-height pixels")
     t_mean, t_std = float(tv.mean()), float(max(tv.std(), 1e-3))
     fitter.set_target_stats(t_mean, t_std)
-    fs_eval = fitter.features(extractor, eval_tiles, eval_spec, eval_split)
+    fs = None
     out: dict = {"heads": {}, "target_mean_m": t_mean, "target_std_m": t_std, **_protocol_of(t)}
     for head_kind in heads_of(t.get("head")):
         def score(f: Fitted) -> float:
@@ -334,7 +336,7 @@ def evaluate_regression(ctx, extractor, train_tiles: TileSet, eval_tiles: TileSe
     _pca_figure(ctx, extractor, eval_tiles, eval_spec, "")
     out["n_train_windows"] = (len(fitter.fs_train) if fitter.fs_train is not None else
                               len(WindowDataset(train_tiles, train_spec.window, train_spec.stride, "reg")))
-    out["n_eval_tiles"] = int(fs_eval.meta["n_tiles"])
+    out["n_eval_tiles"] = int(fs.meta["n_tiles"])
     return out
 
 
