@@ -20,7 +20,7 @@ from geodino.errors import GeodinoError
 
 VERBS: dict[str, str] = {
     "train": "run a training stage (pretrain, gram, highres, distill, text) on a data source",
-    "eval": "score a frozen backbone on an EO benchmark (loveda, geobench, canopy) or a dino.txt model (ov)",
+    "eval": "score a backbone on an EO benchmark (loveda, geobench, canopy; *_paper: the paper protocols) or a dino.txt model (ov); eval compare RUN_A RUN_B",
     "segment": "open-vocabulary segmentation of a raster from text prompts",
     "curate": "data curation: band statistics, balanced sampling, retrieval",
     "export": "export a backbone: official DINOv3 layout, safetensors, timm or Hugging Face folder, ONNX",
@@ -269,8 +269,28 @@ def _version() -> str:
     return __version__
 
 
+def _compare(args: list[str]) -> int:
+    """`geodino eval compare RUN_A RUN_B [...] [out=table.md]`."""
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: geodino eval compare RUN_A RUN_B [RUN_C ...] [out=table.md]\n"
+              "  one table of the runs' headline, per-head and per-class numbers (same task), Δ for two runs")
+        return 0
+    out = [a.split("=", 1)[1] for a in args if a.startswith("out=")]
+    runs = [a for a in args if not a.startswith("out=")]
+    try:
+        from geodino.eval.compare import run_compare
+
+        run_compare(runs, out[-1] if out else None)
+        return 0
+    except GeodinoError as e:
+        print(f"error: geodino eval compare: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "compare"]:
+        return _compare(argv[2:])
     try:
         parsed = parse_argv(argv)
         if parsed.verb == "version":

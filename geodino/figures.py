@@ -127,3 +127,73 @@ def height_map_png(image01: torch.Tensor, target: torch.Tensor, pred: torch.Tens
     tv[~v] = 0
     rgb = to_uint8_rgb(image01.float(), None)
     return _row([rgb, tv, _ramp(p / top)], out, _scale_for(t.shape[0]))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_png(confusion: Sequence[Sequence[float]], class_names: Sequence[str], out: str | Path,
+                  title: str = "", skip: Sequence[int] = ()) -> Path:
+    """Row-normalised confusion matrix (rows: truth, columns: prediction) with counts-derived percentages;
+    classes in `skip` (an ignored label) are left out. matplotlib, since the table needs text and a colour bar."""
+    plt = _pyplot()
+    cm = np.asarray(confusion, dtype=np.float64)
+    keep = [i for i in range(cm.shape[0]) if i not in set(skip)]
+    cm = cm[np.ix_(keep, keep)]
+    names = [str(class_names[i]) if i < len(class_names) else str(i) for i in keep]
+    rows = cm.sum(1, keepdims=True)
+    pct = np.divide(100.0 * cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    k = len(keep)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.55 * k), dpi=100)
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{pct[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if pct[i, j] > 60 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="% of true class")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def lr_sweep_png(curve: dict, out: str | Path, best: float | None = None, metric: str = "score",
+                 title: str = "") -> Path:
+    """Validation score against learning rate (log axis), the chosen one marked."""
+    plt = _pyplot()
+    pts = sorted((float(k), float(v)) for k, v in curve.items())
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    ax.plot(xs, ys, "o-", color="#1f77b4")
+    if best is not None:
+        by = dict(pts).get(float(best))
+        if by is not None:
+            ax.plot([best], [by], "*", markersize=14, color="#d62728", label=f"chosen {best:g}")
+            ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"validation {metric}")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -44,10 +44,12 @@ PAIRWISE_STAGES = {
 # names the verbs accept, kept beside their owners' lists by tests/test_schema.py
 SENSORS = ("sentinel2", "landsat8", "landsat9", "naip")  # geodino.data.sources.raster.SENSOR_DATASETS
 TEMPLATE_SETS = ("default", "rs", "openai", "simple", "none")  # geodino.segment.open_vocab.TEMPLATES
-DENSE_HEADS = ("linear", "light_decoder", "decoder")  # geodino.eval.probes.build_dense_head
+DENSE_HEADS = ("linear", "light_decoder", "decoder", "dpt", "upernet")  # geodino.eval.probes.build_dense_head
 EXPORT_FORMATS = ("official", "safetensors", "timm", "hf", "onnx")  # geodino.models.weights.EXPORT_FORMATS
 CURATE_ACTIONS = ("stats", "embed", "balance", "retrieve", "dedup", "chip")  # geodino.verbs.curate.ACTIONS
 LOVEDA_SCENES = ("urban", "rural")  # geodino.eval.datasets.loveda.SCENES
+AUGMENTATIONS = ("hflip", "vflip", "rot90", "resized_crop", "brightness")  # geodino.eval.finetune.AUGMENTATIONS
+FINETUNE_MODES = ("none", "full", "lora")  # geodino.eval.finetune.FINETUNE_MODES
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,6 +139,17 @@ class Path(Check):
 
     def problem(self, v):
         return None if isinstance(v, (str, int, float)) and not isinstance(v, bool) else "not a path"
+
+
+class Pattern(Check):
+    """A string matching a regular expression (whole string)."""
+
+    def __init__(self, regex: str, example: str):
+        self.regex = re.compile(regex)
+        self.allowed = f"a string like '{example}'"
+
+    def problem(self, v):
+        return None if isinstance(v, str) and self.regex.fullmatch(v) else "not of that form"
 
 
 class OneOf(Check):
@@ -508,14 +521,29 @@ TASK: dict[str, Entry] = {
     "epochs": Int(ge=1),
     "seg_epochs": Opt(Int(ge=1)),
     "lr": Float(gt=0),
-    "linear_lrs": Opt(List(Float(gt=0), min_len=1)),
+    "lrs": Opt(List(Float(gt=0), min_len=1)),  # the learning-rate grid (null: [lr])
+    "seg_lrs": Opt(List(Float(gt=0), min_len=1)),  # GEO-Bench segmentation heads' grid (null: lrs)
+    "val_split": Opt(Str()),  # where a sweep is scored (null: hold out val_fraction of the training tiles)
+    "val_fraction": Float(gt=0, lt=1),
     "weight_decay": Float(ge=0),
     "batch_size": Int(ge=1),
     "feature_batch_size": Opt(Int(ge=1)),
     "decoder_dim": Int(ge=1),
-    "n_last_layers": Int(ge=1),
+    "layers": AnyOf(Int(ge=1), List(Int(ge=0), 1), Pattern(r"spaced:[1-9][0-9]*", "spaced:N"),
+                    allowed="an int n >= 1 (the last n blocks), 'spaced:N' (N evenly spaced blocks), or a list of "
+                            "0-based block indices"),
+    "protocol": Str(),  # a name for the settings (quick | paper), recorded in results.json
     "train_split": Str(),
     "eval_split": Str(),
+    "augment": List(OneOf(*AUGMENTATIONS)),
+    "crop_scale": List(Float(gt=0, le=1), length=2),
+    "finetune": OneOf(*FINETUNE_MODES),
+    "lora": Mapping(),
+    "lora.r": Int(ge=1),
+    "lora.alpha": Float(gt=0),
+    "lora.dropout": Float(ge=0, lt=1),
+    "layer_decay": Float(gt=0, le=1),
+    "backbone_lr_mult": Float(ge=0),
     # loveda
     "scenes": Opt(List(OneOf(*LOVEDA_SCENES))),
     "window": Int(ge=1),
@@ -564,6 +592,7 @@ EVAL: dict[str, Entry] = {
     "cache_dir": PATH,
     "num_workers": Int(ge=0),
     "n_figures": Int(ge=0),
+    "save_heads": Bool(),
 }
 
 SEGMENT: dict[str, Entry] = {

@@ -257,6 +257,7 @@ def test_the_schema_names_match_their_owners():
     from geodino.data.multicrop import MAX_CROP_SIZE
     from geodino.data.sources.raster import SENSOR_DATASETS
     from geodino.eval.datasets.loveda import SCENES
+    from geodino.eval.finetune import AUGMENTATIONS, FINETUNE_MODES
     from geodino.eval.probes import DENSE_HEADS
     from geodino.models.weights import EXPORT_FORMATS
     from geodino.segment.open_vocab import TEMPLATES
@@ -267,6 +268,7 @@ def test_the_schema_names_match_their_owners():
     assert set(DENSE_HEADS) <= set(schema.DENSE_HEADS)
     assert schema.EXPORT_FORMATS == tuple(EXPORT_FORMATS)
     assert schema.LOVEDA_SCENES == tuple(SCENES)
+    assert schema.AUGMENTATIONS == AUGMENTATIONS and schema.FINETUNE_MODES == FINETUNE_MODES
     assert set(schema.PAIRWISE_STAGES) == set(STAGES)
     assert schema.MAX_CROP_SIZE == MAX_CROP_SIZE
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,35 @@ class TileSet(Protocol):
     def __len__(self) -> int: ...
     def size(self, i: int) -> tuple[int, int]: ...
     def load(self, i: int) -> dict: ...
+
+
+class TileSubset:
+    """Some tiles of a tile set, by index (a validation hold-out cut from a training split)."""
+
+    def __init__(self, tiles: TileSet, indices: Sequence[int]):
+        self.tiles = tiles
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def size(self, i: int) -> tuple[int, int]:
+        return self.tiles.size(self.indices[i])
+
+    def load(self, i: int) -> dict:
+        return self.tiles.load(self.indices[i])
+
+
+def holdout(tiles: TileSet, fraction: float, seed: int = 0) -> tuple[TileSubset, TileSubset]:
+    """(train, held-out) subsets: a seeded random ``fraction`` of the tiles (at least one, and at least one left)."""
+    n = len(tiles)
+    if n < 2:
+        raise GeodinoError(f"cannot hold out validation tiles from a split of {n} tile(s); set task.val_split")
+    if not 0.0 < fraction < 1.0:
+        raise GeodinoError(f"task.val_fraction={fraction} must be in (0, 1)")
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    perm = np.random.default_rng(seed).permutation(n)
+    return TileSubset(tiles, sorted(perm[k:])), TileSubset(tiles, sorted(perm[:k]))
 
 
 def starts(n: int, window: int, stride: int) -> list[int]:
@@ -158,7 +187,8 @@ def extract_windows(extractor: Extractor, tiles: TileSet, spec: DenseSpec, cache
                     flush()
         flush()
         meta = {"n": n, "n_tiles": n_tiles, "names": names, "groups": groups, "window": win, "stride": spec.stride,
-                "kind": spec.kind, "dim": int(d), "grid": [int(gh), int(gw)]}
+                "kind": spec.kind, "dim": int(d), "grid": [int(gh), int(gw)],
+                "layer_dims": list(extractor.layer_dims or [int(d)])}
         return writer.finish(meta)
     except BaseException:
         writer.abort()

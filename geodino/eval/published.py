@@ -18,7 +18,9 @@ LOVEDA = {
         "community repro Sat ViT-L + UperNet (frozen, 80k, 512 crops)": 51.98,
         "community repro Web ViT-L + UperNet (frozen, 80k, 512 crops)": 53.72,
     },
-    "note": "test split and UperNet head; geodino reports the val split with a linear head / light decoder",
+    "note": "test split (CodaLab); geodino scores val (test masks are withheld). The paper's head and settings: "
+            "geodino eval loveda_paper",
+    "command": "geodino eval loveda_paper root=<LoveDA> backbone=dinov3_vit7b16_sat493m weights=<sat493m 7B .pth>",
 }
 
 GEOBENCH_CLS = {
@@ -31,6 +33,7 @@ GEOBENCH_CLS = {
                                  "m-pv4ger": 96.1, "m-so2sat": 62.1, "mean": 81.1},
         "DINOv3 Web ViT-7B (paper mean, secondary)": {"mean": 81.6},
     },
+    "command": "geodino eval geobench_paper root=<geobench> backbone=dinov3_vitl16_sat493m weights=<sat493m ViT-L .pth>",
 }
 
 GEOBENCH_SEG = {
@@ -44,6 +47,7 @@ GEOBENCH_SEG = {
                                  "m-pv4ger-seg": 95.5, "m-SA-crop-type": 37.6, "mean": 75.0},
         "DINOv3 Web ViT-7B (paper mean, secondary)": {"mean": 75.9},
     },
+    "command": "geodino eval geobench_paper root=<geobench> backbone=dinov3_vitl16_sat493m weights=<sat493m ViT-L .pth>",
 }
 
 CANOPY = {
@@ -60,6 +64,7 @@ CANOPY = {
         "NEON aerial: Tolan et al. SSL-huge bias": -1.6,
     },
     "note": "different data (SatLidar1M / Open-Canopy / NEON); a number on your own GeoTIFF pairs is not comparable",
+    "command": "geodino eval canopy_paper root=<canopy pairs> backbone=dinov3_vitl16_sat493m weights=<sat493m ViT-L .pth>",
 }
 
 PUBLISHED = {"loveda": {"loveda": LOVEDA}, "geobench": {"classification": GEOBENCH_CLS, "segmentation": GEOBENCH_SEG},
@@ -77,5 +82,7 @@ def published_markdown(task: str) -> str:
             lines.append(f"| {model} | {v} |")
         if entry.get("note"):
             lines += ["", f"Note: {entry['note']}"]
+        if entry.get("command"):
+            lines += ["", f"Paper protocol: `{entry['command']}`"]
         lines.append("")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from geodino.errors import GeodinoError
 from geodino.eval.features import FeatureCache, backbone_fingerprint, contract_hash
 from geodino.eval.published import PUBLISHED, published_markdown
-from geodino.eval.report import write_report
+from geodino.eval.report import eval_figures, eval_markdown, write_report
 from geodino.models import load_backbone
 from geodino.models.extract import Extractor
 from geodino.models.registry import is_arch
@@ -71,6 +71,8 @@ class EvalContext:
         self.num_workers = int(cfg.get("num_workers", 0) or 0)
         self.n_figures = int(cfg.get("n_figures", 3) or 0)
         self.cache_log: dict[str, str] = {}
+        self.saved_heads: dict[str, str] = {}  # name -> checkpoint path (save_heads=true)
+        self._scratch: FeatureCache | None = None
         self._backbones: dict[Any, torch.nn.Module] = {}
         self._extractors: dict[Any, Any] = {}
 
@@ -95,9 +97,28 @@ class EvalContext:
                   rgb_indices: list[int] | None = None):
         model = self.backbone(in_chans, bands, rgb_indices)
         if id(model) not in self._extractors:
-            n_layers = int(self.task.get("n_last_layers", 1) or 1)
-            self._extractors[id(model)] = Extractor(model, self.device, n_last_layers=n_layers)
+            layers = self.task.get("layers", 1)
+            layers = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
+            self._extractors[id(model)] = Extractor(model, self.device, layers=layers)
         return self._extractors[id(model)]
+
+    def layers_used(self):
+        """The blocks the heads read, resolved on the backbone (``spaced:4`` -> [5, 11, 17, 23] on a ViT-L)."""
+        from geodino.models.extract import list_or_int
+
+        ex = next(iter(self._extractors.values()), None)
+        return None if ex is None else list_or_int(ex.layers)
+
+    def scratch_cache(self) -> FeatureCache:
+        """Features that are not worth keeping (a fine-tuned backbone's): a folder in the run dir, removed at the
+        end of the run."""
+        if self._scratch is None:
+            self._scratch = FeatureCache(self.run_dir / "_scratch_features")
+        return self._scratch
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch.root, ignore_errors=True)
 
     def note_cache(self, what: str, hit: bool) -> None:
         self.cache_log[what] = "hit" if hit else ("written" if self.persistent else "disabled")
@@ -157,6 +178,7 @@ def _run_in(cfg: DictConfig, task: str, runner, root: Path, device: torch.device
     try:
         return _evaluate(cfg, task, runner, root, ctx, run_dir, device, None if temporary else cache_root)
     finally:
+        ctx.close()
         if temporary:
             shutil.rmtree(cache_root, ignore_errors=True)
 
@@ -188,6 +210,7 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
         "device": str(device),
         **metrics,
         "feature_cache": {"dir": None if cache_root is None else str(cache_root), **ctx.cache_log},
+        **({"checkpoints": ctx.saved_heads} if ctx.saved_heads else {}),
         "seconds": round(elapsed, 2),
     }
     results = json_safe(results)
@@ -195,7 +218,8 @@ def _evaluate(cfg, task, runner, root, ctx, run_dir, device, cache_root) -> dict
     # the published numbers go into the JSON and a section of their own, not into our metric table
     published = copy.deepcopy(PUBLISHED.get(task, {}))
     warning = f"RANDOM backbone weights: {cfg.backbone} was loaded without weights=" if random_weights else ""
-    appendix = published_markdown(task)
+    figures = eval_figures(results, run_dir / "figures") if ctx.n_figures > 0 else {}
+    appendix = eval_markdown(results, figures) + "\n" + published_markdown(task)
     if warning:
         appendix = f"\n> **Warning: {warning}; these numbers are a random-feature baseline.**\n\n{appendix}"
     _, md = write_report(run_dir, results, config=config, title=f"geodino eval {task} — {cfg.backbone}",

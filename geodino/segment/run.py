@@ -353,6 +353,30 @@ def _segment_into(segmenter, input_path: Path, prompts: list[str], files: dict[s
     return summary
 
 
+def apply_head(checkpoint: str | Path, input_path: str | Path, out: str | Path, tile: int | None = None,
+               overlap: int = 64, device: str = "cpu", **kwargs) -> dict:
+    """Apply an eval head checkpoint (``geodino eval ... save_heads=true``) to a GeoTIFF: labels 1..K for its
+    classes, same CRS / transform / size (`geodino.segment.heads`); returns the summary."""
+    from geodino.segment.heads import DenseSegmenter
+
+    seg = DenseSegmenter.from_checkpoint(checkpoint, device=device)
+    tile = int(tile or seg.record.get("window") or 512)
+    return segment_raster(seg, input_path, seg.class_names, out, tile=tile, overlap=overlap, **kwargs)
+
+
+def _dense_head_checkpoint(path: str) -> dict | None:
+    """The ``dense_head`` record when `path` is a head file written by ``geodino eval ... save_heads=true``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    from geodino.checkpoint import Checkpoint
+
+    try:
+        return Checkpoint.open(p).get("dense_head")
+    except Exception:  # not ours to judge here: the text-model loader reports unreadable files
+        return None
+
+
 def run_segment(cfg) -> dict:
     """`geodino segment checkpoint=... input=... prompts=[...] [out=...]`."""
     for key, example in (("checkpoint", "checkpoint=outputs/train/text/<run>"), ("input", "input=scene.tif")):
@@ -361,6 +385,9 @@ def run_segment(cfg) -> dict:
     verb_setup(cfg)
     prompts = cfg.get("prompts")
     prompts = [prompts] if isinstance(prompts, str) else list(OmegaConf.to_container(prompts, resolve=True) or [])
+    head = _dense_head_checkpoint(str(cfg.checkpoint))
+    if head is not None and not prompts:
+        prompts = [str(c) for c in (head.get("class_names") or [])]
     if not prompts:
         raise GeodinoError("segment needs class prompts: prompts=[building,road,water]")
     templates = cfg.get("templates", "default")
@@ -380,11 +407,18 @@ def run_segment(cfg) -> dict:
     if vector:
         _require_geopandas()
     output_files(out, inp, preview, overwrite, str(cfg.checkpoint), vector)  # refused before the model loads
-    seg = OpenVocabSegmenter.from_checkpoint(
-        str(cfg.checkpoint), device=str(cfg.get("device", "auto")),
-        patch_features=str(cfg.get("patch_features", "head")), blend=str(cfg.get("blend", "linear")),
-        **({"scale": float(cfg.scale)} if cfg.get("scale") is not None else {}),
-    )
+    if head is not None:  # an eval head (geodino eval ... save_heads=true): its classes, no text
+        from geodino.segment.heads import DenseSegmenter
+
+        seg = DenseSegmenter.from_checkpoint(str(cfg.checkpoint), device=str(cfg.get("device", "auto")),
+                                             blend=str(cfg.get("blend", "linear")),
+                                             **({"scale": float(cfg.scale)} if cfg.get("scale") is not None else {}))
+    else:
+        seg = OpenVocabSegmenter.from_checkpoint(
+            str(cfg.checkpoint), device=str(cfg.get("device", "auto")),
+            patch_features=str(cfg.get("patch_features", "head")), blend=str(cfg.get("blend", "linear")),
+            **({"scale": float(cfg.scale)} if cfg.get("scale") is not None else {}),
+        )
     summary = segment_raster(
         seg, inp, prompts, out, background=None if cfg.get("background") is None else float(cfg.background),
         templates=templates, tile=int(cfg.tile), overlap=int(cfg.overlap), scores=bool(cfg.get("scores", True)),

@@ -82,7 +82,7 @@ def test_other_verbs_compose(verb):
         (["trian"], "unknown verb 'trian'; choose one of: train, eval, segment, curate, export, info"),
         (["train", "stage=nope"], "unknown stage 'nope'; choose one of: distill, gram, highres, pretrain, text"),
         (["train", "data=nope"], "unknown data 'nope'; choose one of: captions, chips, mix, nat, sample_captions, sample_nat, sample_sat, sat"),
-        (["eval", "nope"], "unknown task 'nope'; choose one of: canopy, geobench, loveda, ov"),
+        (["eval", "nope"], "unknown task 'nope'; choose one of: canopy, canopy_paper, geobench, geobench_paper, loveda, loveda_paper, ov"),
         (["train", "foo=1"], "unknown option 'foo'"),
         (["train", "--bogus"], "unknown flag '--bogus'"),
         (["train", "loveda"], "'loveda' is not an override"),

@@ -8,7 +8,7 @@ from fakes.eval_fakes import eval_argv, read_results
 from geodino import cli
 from geodino.testing import cli_error_lines
 
-FAST = ("task.epochs=3", "task.knn_k=5", "task.linear_lrs=[0.001,0.01]", "task.batch_size=8")
+FAST = ("task.epochs=3", "task.knn_k=5", "task.lrs=[0.001,0.01]", "task.batch_size=8")
 
 
 @pytest.mark.parametrize("weights", ["random", "official"])

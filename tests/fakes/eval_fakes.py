@@ -26,8 +26,9 @@ import numpy as np
 # ----------------------------------------------------------------------------------------------
 
 
-def make_loveda(root: Path, n_per_scene: int = 2, size: int = 32, seed: int = 0) -> Path:
-    """Images whose colour encodes the class (so a probe can learn), masks 0..7 with some no-data."""
+def make_loveda(root: Path, n_per_scene: int = 2, size: int = 32, seed: int = 0, block: int = 8) -> Path:
+    """Images whose colour encodes the class (so a probe can learn), masks 0..7 with some no-data, classes in
+    `block`-pixel squares (8: finer than a 16-px token; 16: one class per token)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -39,9 +40,9 @@ def make_loveda(root: Path, n_per_scene: int = 2, size: int = 32, seed: int = 0)
             img_dir.mkdir(parents=True, exist_ok=True)
             msk_dir.mkdir(parents=True, exist_ok=True)
             for i in range(n_per_scene):
-                # blocky masks (8x8 blocks) so a 16-px patch grid sees structure
-                blocks = rng.integers(1, 8, size=(size // 8, size // 8))
-                mask = np.kron(blocks, np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
+                # blocky masks so a 16-px patch grid sees structure
+                blocks = rng.integers(1, 8, size=(size // block, size // block))
+                mask = np.kron(blocks, np.ones((block, block), dtype=np.int64)).astype(np.uint8)
                 mask[:2, :2] = 0  # a no-data corner
                 img = colours[mask].astype(np.float64) + rng.normal(0, 8, size=(size, size, 3))
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(img_dir / f"{i + 100 * (scene == 'Rural')}.png")

@@ -15,7 +15,8 @@ from geodino.errors import GeodinoError
 from geodino.eval.datasets.canopy import CanopyTiles, read_meta
 from geodino.eval.dense import DenseSpec
 from geodino.eval.features import files_identity
-from geodino.eval.tasks.common import evaluate_regression
+from geodino.eval.probes import lr_grid
+from geodino.eval.tasks.common import evaluate_regression, sweep_split
 
 
 def run(ctx) -> dict:
@@ -36,23 +37,28 @@ def run(ctx) -> dict:
                   num_workers=ctx.num_workers, progress=ctx.progress)
     dataset_id = {"name": meta.get("name", "canopy"), "root": str(root.resolve()),
                   "files": {train_split: files_identity(train.files()), eval_split: files_identity(evals.files())}}
+    rgb_bands = [train.bands[i] for i in train.rgb]
+    train, val, fit_split, val_split = sweep_split(ctx, train, lambda split: CanopyTiles(root, split, meta, max_h),
+                                                   train_split, eval_split)
+    if val is not None and hasattr(val, "files"):
+        dataset_id["files"][val_split] = files_identity(val.files())
     block = int(t.block_size)
     gsd = meta.get("gsd_m")
     res = evaluate_regression(
         ctx, extractor, train, evals, DenseSpec(stride=window, **common), DenseSpec(stride=stride, **common),
         dataset_id=dataset_id, transform={"scale": meta.get("image_scale", "uint8/255"), "max_height_m": max_h,
-                                          "bands": [train.bands[i] for i in train.rgb]},
-        train_split=train_split, eval_split=eval_split,
+                                          "bands": rgb_bands},
+        train_split=fit_split, eval_split=eval_split, val_tiles=val, val_split=val_split,
         metric_kwargs=dict(block_size=block, border=int(t.get("border", 3)), min_block_valid=float(t.get("min_block_valid", 0.5)),
                            threshold=float(t.get("tree_threshold_m", 2.0)), bins=list(t.get("height_bins") or [0, 5, 10, 20])),
     )
     first = next(iter(res["heads"]))
     r = res["heads"][first]
     return {
-        "protocol": {"split": f"train on {train_split}, evaluate on {eval_split}", "window": window, "stride": stride,
+        "protocol": {"name": str(t.get("protocol", "quick")), "layers": ctx.layers_used(), "split": f"train on {train_split}, evaluate on {eval_split}", "window": window, "stride": stride,
                      "block_size_px": block, "block_size_m": (block * float(gsd)) if gsd else None,
                      "border_px": int(t.get("border", 3)), "heads": list(res["heads"]), "loss": "L1 on standardised heights",
-                     "epochs": int(t.epochs), "lr": float(t.lr), "max_height_m": max_h},
+                     "epochs": int(t.epochs), "lrs": lr_grid(t), "lr_selected_on": val_split, "max_height_m": max_h},
         "mae": r["mae"], "rmse": r["rmse"], "bias": r["bias"], "r2": r["r2"], "block_r2": r["block_r2"],
         **res,
         "headline": {f"MAE m ({h})": v["mae"] for h, v in res["heads"].items()}

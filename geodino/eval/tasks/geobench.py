@@ -24,7 +24,7 @@ from geodino.eval.datasets.geobench import GeobenchTask, GeobenchTiles, find_tas
 from geodino.eval.dense import DenseSpec
 from geodino.eval.features import backbone_fingerprint, files_identity, pad_to, progress_bar, round_up
 from geodino.eval.metrics import classification_scores
-from geodino.eval.probes import fit_linear_probe, knn_scores, probe_scores
+from geodino.eval.probes import fit_linear_probe, knn_scores, lr_grid, probe_scores, sweep_lr
 from geodino.eval.tasks.common import evaluate_segmentation
 from geodino.figures import pca_feature_png
 
@@ -43,7 +43,7 @@ def classification_features(ctx, extractor, task: GeobenchTask, split: str, name
                                  "files": _files_id(task, names)},
                         split=split, transform={"bands": band_mode, "scaling": scaling,
                                                 "mean": list(extractor.contract.mean),
-                                                "std": list(extractor.contract.std), "n_last_layers": extractor.n_last_layers,
+                                                "std": list(extractor.contract.std), "layers": extractor.cache_id,
                                                 "pad": "bottom-right to patch multiple"})
     fs = ctx.cache.get(ctx.task_name, f"{task.name}-{key}")
     if fs is None:
@@ -138,18 +138,21 @@ def eval_classification(ctx, task: GeobenchTask, extractor, band_mode, scaling) 
             test = classification_scores(knn_scores(x_fit, y_fit, x["test"], **kw), y["test"], ml)
             out["probes"]["knn"] = {"k": int(t.knn_k), "valid": valid, "test": test, "score": _primary(test)}
         elif probe == "linear":
-            lrs = [float(v) for v in (t.get("linear_lrs") or [t.lr])]
+            lrs = lr_grid(t)
             common = dict(n_classes=task.n_classes, multilabel=ml, epochs=int(t.epochs),
                           weight_decay=float(t.get("weight_decay", 1e-4)), batch_size=int(t.batch_size) * 8,
                           device=ctx.device, seed=ctx.seed, progress=ctx.progress)
-            sweep = {}
-            for lr in lrs:
-                probe_m = fit_linear_probe(x["train"], y["train"], lr=lr, **common)
-                sweep[f"{lr:g}"] = classification_scores(probe_scores(probe_m, x["valid"], ml), y["valid"], ml)
-            best = max(lrs, key=lambda lr: _primary(sweep[f"{lr:g}"]))
+            best, _, sweep = sweep_lr(
+                lrs, lambda lr: fit_linear_probe(x["train"], y["train"], lr=lr, **common),
+                lambda m: _primary(classification_scores(probe_scores(m, x["valid"], ml), y["valid"], ml)))
             final = fit_linear_probe(x_fit, y_fit, lr=best, **common)
             test = classification_scores(probe_scores(final, x["test"], ml), y["test"], ml)
-            out["probes"]["linear"] = {"lr": best, "valid_sweep": sweep, "test": test, "score": _primary(test)}
+            out["probes"]["linear"] = {"lr": best, "valid_sweep": sweep,
+                                       "lr_sweep": {"grid": lrs, "best_lr": best, "val": sweep, "selected_on": "valid",
+                                                    "metric": "accuracy" if not ml else "f1_micro",
+                                                    "higher_is_better": True,
+                                                    "refit_on": "train+valid" if trainval else None},
+                                       "test": test, "score": _primary(test)}
         else:
             raise GeodinoError(f"unknown probe '{probe}'; choose knn or linear")
     return out
@@ -159,9 +162,14 @@ def eval_segmentation(ctx, task: GeobenchTask, extractor, band_mode, scaling) ->
     t = ctx.task
     limit = t.get("max_samples")
     trainval = bool(t.get("train_on_trainval", True))
-    train_names = task.names("train", limit) + (task.names("valid", limit) if trainval else [])
+    seg_lrs = [float(v) for v in (t.get("seg_lrs") or lr_grid(t))]
+    sweeping = len(seg_lrs) > 1
+    valid_names = task.names("valid", limit)
+    # a sweep fits on train, picks on valid and refits on train + valid; one learning rate fits on train + valid
+    fit_names = task.names("train", limit) + (valid_names if trainval and not sweeping else [])
+    train_names = task.names("train", limit) + (valid_names if trainval else [])
     test_names = task.names("test", limit)
-    train = GeobenchTiles(task, train_names, band_mode, scaling)
+    train = GeobenchTiles(task, fit_names, band_mode, scaling)
     test = GeobenchTiles(task, test_names, band_mode, scaling)
     h, w = train.size(0)
     window = round_up(max(h, w), extractor.patch_size)
@@ -171,14 +179,20 @@ def eval_segmentation(ctx, task: GeobenchTask, extractor, band_mode, scaling) ->
     exclude = list((t.get("exclude_from_mean") or {}).get(task.name) or [])
     dataset_id = {"name": task.name, "root": str(task.path.resolve()), "partition": task.partition_name,
                   "files": {"train": _files_id(task, train_names), "test": _files_id(task, test_names)}}
+    fit_split = "train" if sweeping or not trainval else "train+valid"
+    sweep_kw = {}
+    if sweeping:
+        sweep_kw = dict(val_tiles=GeobenchTiles(task, valid_names, band_mode, scaling), val_split="valid")
+        if trainval:
+            sweep_kw.update(refit_tiles=GeobenchTiles(task, train_names, band_mode, scaling), refit_split="train+valid")
     seg_epochs = t.get("seg_epochs")
     res = evaluate_segmentation(
         ctx, extractor, train, test, spec, spec, num_classes=task.n_classes,
         ignore_index=None if ignore is None else int(ignore), class_names=task.class_names,
         exclude_from_mean=exclude, dataset_id=dataset_id,
         transform={"bands": band_mode, "scaling": scaling, "pad": "bottom-right to window"},
-        train_split="train+valid" if trainval else "train", eval_split="test", tag=f"_{task.name}",
-        epochs=None if seg_epochs is None else int(seg_epochs),
+        train_split=fit_split, eval_split="test", tag=f"_{task.name}",
+        epochs=None if seg_epochs is None else int(seg_epochs), lrs=seg_lrs, **sweep_kw,
     )
     first = next(iter(res["heads"]))
     return {"type": "segmentation", "n_classes": task.n_classes,
@@ -233,7 +247,8 @@ def run(ctx) -> dict:
             for p, r in v["probes"].items():
                 headline[f"{name} {p}"] = r["score"]
     return {
-        "protocol": {"bands": band_mode, "scaling": f"{scaling} per band from band_stats.json, then backbone mean/std",
+        "protocol": {"name": str(t.get("protocol", "quick")), "layers": ctx.layers_used(),
+                     "bands": band_mode, "scaling": f"{scaling} per band from band_stats.json, then backbone mean/std",
                      "partition": str(t.get("partition", "default")), "train_on_trainval": bool(t.get("train_on_trainval", True)),
                      "classification": "kNN (cosine, T=0.07) and linear probe on the CLS token; accuracy / multilabel F1 "
                                        "(micro, 0.5) on test",

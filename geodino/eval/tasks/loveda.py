@@ -15,7 +15,8 @@ from geodino.errors import GeodinoError
 from geodino.eval.datasets.loveda import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SCENES, LoveDATiles
 from geodino.eval.dense import DenseSpec
 from geodino.eval.features import files_identity
-from geodino.eval.tasks.common import evaluate_segmentation
+from geodino.eval.probes import lr_grid
+from geodino.eval.tasks.common import evaluate_segmentation, sweep_split
 
 
 def run(ctx) -> dict:
@@ -36,20 +37,26 @@ def run(ctx) -> dict:
                   progress=ctx.progress)
     dataset_id = {"name": "loveda", "root": str(root.resolve()), "scenes": scenes,
                   "files": {train_split: files_identity(train.files()), eval_split: files_identity(evals.files())}}
+    train, val, fit_split, val_split = sweep_split(
+        ctx, train, lambda split: LoveDATiles(root, split, scenes, t.get("max_eval_tiles")), train_split, eval_split)
+    if val is not None and hasattr(val, "files"):
+        dataset_id["files"][val_split] = files_identity(val.files())
     res = evaluate_segmentation(
         ctx, extractor, train, evals, DenseSpec(stride=train_stride, **common), DenseSpec(stride=stride, **common),
         num_classes=NUM_CLASSES, ignore_index=IGNORE_INDEX, class_names=CLASS_NAMES, dataset_id=dataset_id,
-        transform={"scale": "divide by 255"}, train_split=train_split, eval_split=eval_split,
+        transform={"scale": "divide by 255"}, train_split=fit_split, eval_split=eval_split, val_tiles=val,
+        val_split=val_split,
     )
     first = next(iter(res["heads"]))
     headline = {f"mIoU ({h}, {eval_split})": r["miou"] for h, r in res["heads"].items()}
     return {
         "protocol": {
+            "name": str(t.get("protocol", "quick")), "layers": ctx.layers_used(),
             "split": f"train on {train_split}, evaluate on {eval_split}",
             "scenes": scenes,
             "metric": "MulticlassJaccardIndex(num_classes=8, ignore_index=0, average='macro') = mIoU over classes 1..7",
             "window": window, "stride": stride, "train_stride": train_stride, "heads": list(res["heads"]),
-            "epochs": int(t.epochs), "lr": float(t.lr),
+            "epochs": int(t.epochs), "lrs": lr_grid(t), "lr_selected_on": val_split,
         },
         "miou": res["heads"][first]["miou"],
         **res,
