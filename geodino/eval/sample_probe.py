@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from geodino.data.geotiff import read_scaled
-from geodino.errors import DataError
 from geodino.data.multicrop import MultiCropAugmentation
 from geodino.data.sample import SENTINEL2_BANDS, sample_sat_path
 from geodino.data.sample.landcover import LAND_COVER_CLASSES, land_cover
+from geodino.errors import DataError
 from geodino.models import backbone_from_contract
 
 CLASS_NAMES = LAND_COVER_CLASSES

@@ -403,7 +403,7 @@ def official_to_hf(sd: dict[str, torch.Tensor], kwargs: dict) -> tuple[dict, dic
         "patch_size": int(sd["patch_embed.proj.weight"].shape[-1]),
         "num_channels": int(sd["patch_embed.proj.weight"].shape[1]),
         "query_bias": has["q"], "key_bias": has["k"], "value_bias": has["v"],
-        "proj_bias": f"blocks.0.attn.proj.bias" in sd,
+        "proj_bias": "blocks.0.attn.proj.bias" in sd,
         "mlp_bias": f"blocks.0.mlp.{'w1' if swiglu else 'fc1'}.bias" in sd,
         "layerscale_value": float(kwargs.get("layerscale_init") or 1.0),
         "num_register_tokens": int(sd["storage_tokens"].shape[1]) if "storage_tokens" in sd else 0,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geodino import cli
-from geodino.errors import DataError, GeodinoError
+from geodino.errors import DataError
 from geodino.train.distributed import DistInfo
 
 TINY = ["threads=1", "train.batch_size=4", "stage.crops.size=32", "progress=false", "stage.text.width=32",
