@@ -164,6 +164,10 @@ def confusion_png(confusion: Sequence[Sequence[float]], class_names: Sequence[st
     fig.colorbar(im, ax=ax, fraction=0.046, label="% of true class")
     if title:
         ax.set_title(title, fontsize=9)
+    return _save(plt, fig, out)
+
+
+def _save(plt, fig, out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,9 +195,4 @@ def lr_sweep_png(curve: dict, out: str | Path, best: float | None = None, metric
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -38,7 +38,7 @@ from geodino.checkpoint import backbone_payload, plain, save_atomic
 from geodino.errors import GeodinoError
 from geodino.eval.dense import TileSet, window_positions
 from geodino.eval.features import pad_to, progress_bar
-from geodino.eval.probes import DenseModel, cosine_schedule, build_dense_head, dense_loss
+from geodino.eval.probes import DenseModel, build_dense_head, cosine_schedule, dense_step
 from geodino.models.extract import features, list_or_int, n_blocks, normalize_layers
 from geodino.train.loop import param_groups
 
@@ -256,14 +256,8 @@ def train_on_images(net: DenseNet, data: WindowDataset, *, epochs: int, lr: floa
             if img.shape[0] < 2:  # BatchNorm needs more than one sample per channel
                 continue
             img, tgt, valid = img.to(device), tgt.to(device), valid.to(device)
-            loss = dense_loss(net.model, net.logits(img), tgt, valid, ignore_index)
-            if loss is None:
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            last = loss.item()
+            value = dense_step(net.model, net.logits(img), tgt, valid, ignore_index, opt, sched)
+            last = last if value is None else value
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{last:.4f}")
     log.info("%s: trained %d epochs on %d image windows, last loss %.4f", desc, epochs, len(data), last)

@@ -346,6 +346,20 @@ def dense_loss(model: DenseModel, out: torch.Tensor, target: torch.Tensor, valid
     return (out[:, 0] - z).abs()[v].mean()
 
 
+def dense_step(model: DenseModel, out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
+               ignore_index: int | None, opt, sched) -> float | None:
+    """One optimiser step on `dense_loss` (skipped, returning None, when the batch has nothing to learn from); the
+    step of both cached-feature and image training."""
+    loss = dense_loss(model, out, target, valid, ignore_index)
+    if loss is None:
+        return None
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, valid: np.ndarray | None = None,
                      ignore_index: int | None = None, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4,
                      batch_size: int = 8, device: torch.device | str = "cpu", seed: int = 0,
@@ -372,14 +386,8 @@ def train_dense_head(model: DenseModel, feats: np.ndarray, targets: np.ndarray, 
             t = torch.from_numpy(np.array(targets[idx])).to(device)
             out = model.logits(x, size)
             v = None if valid is None else torch.from_numpy(np.array(valid[idx])).to(device)
-            loss = dense_loss(model, out, t, v, ignore_index)
-            if loss is None:
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            last = loss.item()
+            value = dense_step(model, out, t, v, ignore_index, opt, sched)
+            last = last if value is None else value
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{last:.4f}")
     log.info("%s: trained %d epochs on %d windows, last loss %.4f", desc, epochs, n, last)
