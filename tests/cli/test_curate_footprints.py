@@ -132,3 +132,26 @@ def test_footprints_in_several_crss_go_to_epsg4326_with_a_crs_column(tmp_path):
     want = gpd.GeoSeries.from_xy([500160], [4000160], crs=32633).to_crs(4326)[0]
     assert gdf.geometry[0].contains(want)
     assert gdf.geometry[1].bounds == pytest.approx((10, 45, 10.01, 45.01))
+
+
+def test_rasters_in_two_crss_give_footprints_on_the_first_ones_grid(tmp_path):
+    """torchgeo reads every chip on the first raster's grid (the other raster is warped onto it): the footprints are
+    the chips' windows in that one CRS, and a chip of the other raster lies inside its reprojected bounds."""
+    from rasterio.warp import transform_bounds
+
+    rng = np.random.default_rng(1)
+    write_tif(tmp_path / "d" / "a.tif", rng.integers(1, 9999, (3, 64, 64), dtype=np.uint16), 32633, 500000, 4000000, 10)
+    write_tif(tmp_path / "d" / "b.tif", rng.integers(1, 9999, (3, 64, 64), dtype=np.uint16), 32634, 200000, 4000000, 10)
+    out = tmp_path / "pool"
+    assert cli.main(["curate", "action=embed", f"data.paths=[{tmp_path / 'd'}]", "pool_size=16", f"out={out}",
+                     *COMMON]) == 0
+    gdf = gpd.read_parquet(out / "chips.parquet")
+    assert gdf.crs.to_epsg() == 32633 and "crs" not in gdf.columns
+    names = gdf["file"].str.rsplit("/", n=1).str[-1]
+    assert set(names) == {"a.tif", "b.tif"}
+    for r in gdf[names == "b.tif"].itertuples():
+        with rasterio.open(r.file) as ds:
+            x0, y0, x1, y1 = transform_bounds(ds.crs, "EPSG:32633", *ds.bounds)
+        bx0, by0, bx1, by1 = r.geometry.bounds
+        assert x0 - 1 <= bx0 and y0 - 1 <= by0 and bx1 <= x1 + 1 and by1 <= y1 + 1
+        assert r.geometry.area == pytest.approx((CHIP * 10) ** 2)

@@ -131,3 +131,23 @@ def test_distilled_students_export_to_safetensors_and_load_back_without_unpickli
     assert cli.main(["export", f"checkpoint={run / 'students' / 'vit_tiny.pt'}", "format=safetensors",
                      f"out={out}"]) == 0
     assert torch.equal(load_backbone(out).forward_features(x)["x_norm_clstoken"], want["vit_tiny"]["x_norm_clstoken"])
+
+
+def test_a_backbone_safetensors_of_the_earlier_layout_still_loads(tmp_path):
+    """Files exported before the geodino format was recorded (metadata ``format: dinov3-official-keys`` and the
+    contract) load as backbones and open as backbone files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from geodino.checkpoint import Checkpoint
+
+    torch.manual_seed(0)
+    bb = build_backbone("geodino_vit_tiny", in_chans=3, embed_dim=32, depth=1, num_heads=1).eval()
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(path),
+              metadata={"format": "dinov3-official-keys", "geodino_contract": json.dumps(bb.geodino_contract.to_dict())})
+    ckpt = Checkpoint.open(path)
+    assert ckpt.is_backbone_file and ckpt.contract.to_dict() == bb.geodino_contract.to_dict()
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(load_backbone(path).forward_features(x)["x_norm_clstoken"], bb.forward_features(x)["x_norm_clstoken"])
