@@ -12,6 +12,12 @@ Three kinds of file, all one ``torch.save`` dict with a ``format`` entry:
 - a **dino.txt model** (``format: geodino-dinotxt-model``): a text model outside a run, same layout as a text-stage
   training checkpoint without the optimiser.
 
+A backbone file or a dino.txt model may also be a **safetensors file** (`save_safetensors`, ``geodino export
+format=safetensors``): its tensors are the weights (``backbone`` / ``models.meta_arch``) under their own keys, and
+its metadata holds ``format``, ``geodino_contract`` (the contract, JSON) and ``geodino_checkpoint`` (every other
+entry — data scaling, dino.txt config, tokenizer, provenance — JSON). `load_checkpoint` reads one back into the
+same dict, so every reader works on either; reading a safetensors file can run no code at all.
+
 Files are written to a temporary name, fsynced and renamed (`save_atomic`), so a run killed mid-write never leaves
 a truncated checkpoint; the last ``keep_last`` training checkpoints are kept. `Checkpoint.open(path)` reads any of
 them (a run directory resolves to its latest checkpoint) and answers the questions every caller asks — which
@@ -26,6 +32,7 @@ with — is refused with a message; a trusted one converts once with
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import re
@@ -169,10 +176,101 @@ def backbone_payload(backbone_state: dict, contract: Contract, **extra) -> dict:
     return {"format": BACKBONE_FORMAT, "backbone": backbone_state, "contract": contract.to_dict(), **extra}
 
 
+# where each kind of file that may be a safetensors file keeps its weights
+_SAFETENSORS_WEIGHTS = {BACKBONE_FORMAT: ("backbone",), DINOTXT_FORMAT: ("models", "meta_arch")}
+
+
+def save_safetensors(payload: dict, path: str | Path) -> Path:
+    """Write a backbone file or dino.txt model `payload` (the dict `save_atomic` would write) as a safetensors file:
+    the weights as its tensors, the contract and every other entry as JSON in its metadata (see the module doc),
+    atomically. A training checkpoint (optimiser, RNG state) has no safetensors form: export its model instead."""
+    path = Path(path)
+    fmt = payload.get("format")
+    if fmt not in _SAFETENSORS_WEIGHTS:
+        raise CheckpointError(f"{path.name}: only a backbone file or a dino.txt model is written as safetensors, "
+                              f"not a {fmt or 'format-less'} dict (export the model of a training checkpoint)")
+    if "contract" not in payload:
+        raise CheckpointError(f"{path.name}: a geodino safetensors file needs the model's contract")
+    first, *rest = _SAFETENSORS_WEIGHTS[fmt]
+    weights = payload[first]
+    for key in rest:
+        weights = weights[key]
+    # clone: safetensors refuses tensors that share memory (tied weights), and the file has no notion of sharing
+    tensors = {str(k): v.detach().cpu().clone().contiguous() for k, v in weights.items()}
+    others = plain({k: v for k, v in payload.items() if k not in ("format", "contract", first)}, path.name)
+    beside = {k: v for k, v in payload[first].items() if k != rest[0]} if rest else {}
+    if beside:  # other entries beside the weights in the same nested dict (none today; kept if any appear)
+        others[first] = plain(beside, f"{path.name}.{first}")
+
+    def no_tensor(obj, where):
+        if torch.is_tensor(obj):
+            raise CheckpointError(f"{where} is a tensor outside the weights: a safetensors file keeps those as JSON")
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()):
+            no_tensor(v, f"{where}.{k}")
+
+    no_tensor(others, path.name)
+    from safetensors.torch import save_file
+
+    meta = {"format": fmt, "geodino_contract": json.dumps(plain(payload["contract"])),
+            "geodino_checkpoint": json.dumps(others)}
+    previous = path.stat().st_size if path.exists() else None
+    need = sum(v.numel() * v.element_size() for v in tensors.values())
+    with atomic_output(path, needs_bytes=max(need, previous or 0)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def safetensors_format(path: str | Path) -> str | None:
+    """The geodino ``format`` a safetensors file's metadata states (None: not one `save_safetensors` wrote)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    return fmt if fmt in _SAFETENSORS_WEIGHTS else None
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """The dict `save_safetensors` was given, from its file (tensors by safetensors, the rest from JSON: no code runs).
+    A safetensors file with a geodino contract but no geodino format (a backbone exported before the format was
+    recorded) reads as a backbone file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    fmt = meta.get("format")
+    if fmt not in _SAFETENSORS_WEIGHTS:
+        if "geodino_contract" not in meta:
+            raise CheckpointError(f"{path} is a safetensors file without a geodino contract (metadata "
+                                  f"{sorted(meta) or 'empty'}): load its weights with load_backbone('{path}')")
+        fmt = BACKBONE_FORMAT
+    try:
+        payload = json.loads(meta.get("geodino_checkpoint") or "{}")
+        contract = json.loads(meta["geodino_contract"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: its geodino metadata is not valid JSON ({e})") from e
+    first, *rest = _SAFETENSORS_WEIGHTS[fmt]
+    if rest:
+        payload[first] = {**payload.get(first, {}), rest[0]: tensors}
+    else:
+        payload[first] = tensors
+    return {"format": fmt, **payload, "contract": contract}
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """The raw dict of a geodino checkpoint file (a run directory resolves to its latest checkpoint), read with
-    ``torch.load(weights_only=True)``: loading never runs code from the file."""
+    ``torch.load(weights_only=True)``, or of a geodino safetensors file (`read_safetensors`): loading never runs
+    code from the file."""
     path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

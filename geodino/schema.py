@@ -657,7 +657,7 @@ EXPORT: dict[str, Entry] = {
     "which": OneOf("teacher", "student"),
     "out": PATH,
     "overwrite": Bool(),
-    "part": OneOf("backbone", "segmenter"),
+    "part": OneOf("backbone", "students", "text", "segmenter"),
     "prompts": one_or_list(Str(), min_len=0),
     "templates": Templates(),
 }

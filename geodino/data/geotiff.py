@@ -336,3 +336,10 @@ def read_scaled(path: str | Path, wanted: Sequence[str] | None = None, scale: fl
         log.warning(problem)
         info["warning"] = problem
     return x, valid, info
+
+
+def crs_string(crs) -> str | None:
+    """A CRS as text: ``EPSG:<code>`` where it has one, else its WKT (None stays None)."""
+    if crs is None:
+        return None
+    return crs.to_string() if hasattr(crs, "to_string") else str(crs)

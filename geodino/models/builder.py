@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from geodino.checkpoint import Checkpoint
+from geodino.checkpoint import Checkpoint, safetensors_format
 from geodino.contract import Contract, default_band_names
 from geodino.data.bands import rgb_indices as find_rgb
 from geodino.errors import CheckpointError
@@ -214,8 +214,12 @@ def _check_folder_config(model: nn.Module, said: dict, source) -> None:
 
 def read_geodino_backbone(path: Path, which: str = "teacher", **overrides) -> tuple[Contract, dict]:
     """(contract, official-key weights) of a geodino-exported safetensors file or timm / HF folder (contract in the
-    metadata), any geodino checkpoint file, or a state dict / folder in the official, timm or Hugging Face layout
-    (architecture from the folder's config and the keys: `official_contract`)."""
+    metadata), any geodino checkpoint file (also as safetensors: a student, a dino.txt model), or a state dict /
+    folder in the official, timm or Hugging Face layout (architecture from the folder's config and the keys:
+    `official_contract`)."""
+    if path.is_file() and path.suffix == ".safetensors" and safetensors_format(path):
+        ckpt = Checkpoint.open(path)
+        return ckpt.contract, ckpt.backbone_state(which)
     if path.suffix in (".safetensors", ".bin") or (path.is_dir() and folder_layout(path)):
         sd, meta, layout = read_weights(path)
         contract = meta.get("geodino_contract")

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from geodino.checkpoint import backbone_payload, save_safetensors
 from geodino.errors import CheckpointError
 from geodino.models import layouts
 from geodino.models.registry import ARCHS
@@ -257,11 +258,13 @@ def _write_folder(out: Path, files: dict[str, object], needs_bytes: int) -> None
             raise
 
 
-def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official", **onnx_options) -> Path:
+def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official", info: dict | None = None,
+                    **onnx_options) -> Path:
     """Write a backbone, atomically (geodino.outputs: a full disk leaves no partial file and is one line), as
 
     - ``official``: an official-layout ``.pth`` (flat state dict; no contract);
-    - ``safetensors``: official keys with the contract in the metadata;
+    - ``safetensors``: official keys with the contract in the metadata (`geodino.checkpoint.save_safetensors`, a
+      backbone file as safetensors; `info`: provenance kept beside it, e.g. a distilled student's teacher and step);
     - ``timm``: a folder ``timm.create_model("local-dir:<out>")`` reads (``config.json`` + ``model.safetensors``);
     - ``hf``: a folder ``transformers.DINOv3ViTModel.from_pretrained(<out>)`` reads (same two files);
     - ``onnx``: the inference graph (`geodino.models.onnx.export_onnx`; `onnx_options` go there).
@@ -302,10 +305,12 @@ def export_backbone(model: nn.Module, out: str | Path, fmt: str = "official", **
             _write_folder(out, {"config.json": config, "preprocessor_config.json": pre,
                                 layouts.WEIGHTS_NAME: ({k: v.contiguous() for k, v in hsd.items()}, meta)}, need)
         return out
+    if fmt == "safetensors":  # the geodino backbone file as safetensors (official keys; contract, info as JSON)
+        contract = getattr(model, "geodino_contract", None)
+        if contract is None:
+            raise CheckpointError(f"format=safetensors keeps the backbone's contract; this {type(model).__name__} "
+                                  "has none (load or build it with geodino.load_backbone / build_backbone)")
+        return save_safetensors(backbone_payload(sd, contract, **(info or {})), out)
     with atomic_output(out, needs_bytes=sum(v.numel() * v.element_size() for v in sd.values())) as tmp:
-        if fmt == "official":
-            torch.save(sd, tmp)
-        else:
-            meta = {"format": "dinov3-official-keys", **_contract_meta(model)}
-            save_file(sd, str(tmp), metadata=meta)
+        torch.save(sd, tmp)
     return out

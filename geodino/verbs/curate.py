@@ -6,7 +6,8 @@ from .search; the backbone from geodino.models, item lists from geodino.data.lis
 ``outputs/curate/<action>/<time>``):
 
 - ``stats``: ``band_stats.json`` (next to the data, or ``out=``), for ``data.stats_file=``;
-- ``embed``: ``embeddings.npy`` (memmap), ``items.txt`` (a chip or file list) and ``embed.json``;
+- ``embed``: ``embeddings.npy`` (memmap), ``items.txt`` (a chip or file list) and ``embed.json``; for chips (raster
+  sources, chip stores) also ``chips.parquet``, their footprints as GeoParquet (with geopandas installed);
 - ``balance`` / ``retrieve`` / ``dedup``: a chip or file list of the selection (``data.chip_list=`` /
   ``data.file_list=``), its row indices and a JSON summary.
 
@@ -28,12 +29,15 @@ import numpy as np
 import torch
 
 from geodino.data.curation.embed import (
+    CHIP_KINDS,
     EMBEDDINGS_FILE,
+    FOOTPRINTS_FILE,
     ITEMS_FILE,
     META_FILE,
     embed_source,
     load_embeddings,
     write_embed_meta,
+    write_footprints,
 )
 from geodino.data.curation.kmeans import hierarchical_kmeans
 from geodino.data.curation.sampling import balanced_sample
@@ -70,6 +74,9 @@ def _source_meta(cfg, info) -> dict:
     if cfg.data.kind == "raster":
         meta.update({"seed": int(src.seed), "chip_size": int(src.chip_size), "scale": float(src.scale),
                      "offset": float(src.offset), "sensor": src.sensor, "files": [str(f) for f in src.files]})
+    elif cfg.data.kind == "chips":  # a chip list of the store's chips (data=chips data.chip_list=)
+        meta.update({"store": str(src.path), "chip_size": int(src.chip_size), "scale": float(src.scale),
+                     "offset": float(src.offset), "sensor": src.sensor})
     return meta
 
 
@@ -102,6 +109,8 @@ def _outputs(cfg, action: str, out_dir: Path) -> list[Path]:
     files = []
     if action == "embed" or not cfg.get("embeddings"):
         files += [out_dir / EMBEDDINGS_FILE, out_dir / ITEMS_FILE, out_dir / META_FILE]
+        if str(cfg.data.kind) in CHIP_KINDS:
+            files.append(out_dir / FOOTPRINTS_FILE)
     if action in SELECTIONS:
         name = SELECTIONS[action]
         files += [out_dir / f"{name}.txt", out_dir / f"{name}_indices.txt", out_dir / f"{name}_indices.npy",
@@ -143,7 +152,8 @@ def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
     """Embed `data=` into an embed output folder `out_dir` (format in geodino.data.curation.embed). Returns out_dir."""
     info = build_source(cfg.data, seed=int(cfg.seed), progress=progress)
     src = info.source
-    if cfg.data.kind == "raster":
+    chips = str(cfg.data.kind) in CHIP_KINDS
+    if chips:
         n = int(cfg.get("pool_size") or len(src))
     else:
         n = int(cfg.get("pool_size") or len(src.files))
@@ -159,12 +169,14 @@ def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
     if trained and list(contract.bands) == list(info.band_names):
         mean, std = list(contract.mean), list(contract.std)
     image_size = cfg.get("image_size")
-    if image_size is None and cfg.data.kind != "raster":
+    if image_size is None and not chips:
         image_size = 224  # photos come in every size
+    footprints = [] if chips else None  # read with each chip: no second pass over the rasters
     t0 = time.perf_counter()
     emb = embed_source(Extractor(backbone, device), src, batch_size=int(cfg.get("batch_size", 64)),
                        out_path=out_dir / EMBEDDINGS_FILE, progress=progress, indices=np.arange(n), mean=mean, std=std,
-                       image_size=image_size, num_workers=int(cfg.get("num_workers", 0)))
+                       image_size=image_size, num_workers=int(cfg.get("num_workers", 0)),
+                       footprints=footprints)
     seconds = time.perf_counter() - t0
     spread = float(np.asarray(emb[: min(len(emb), 4096)]).std(0).max())
     if spread < 1e-3:
@@ -176,8 +188,12 @@ def run_embed(cfg, out_dir: Path, progress: bool = True) -> Path:
            "weights": None if cfg.get("weights") is None else str(cfg.weights), "mean": list(mean), "std": list(std),
            "image_size": image_size, "seconds": round(seconds, 3), "torch_threads": torch.get_num_threads(),
            **meta}
-    if cfg.data.kind == "raster":
+    if chips:
         doc["skipped_nodata_chips"] = int(src.skipped_nodata)
+        doc["footprints"] = None
+        if write_footprints(out_dir / FOOTPRINTS_FILE, footprints) is not None:
+            doc["footprints"] = {"file": FOOTPRINTS_FILE, "crs": footprints[0].get("crs")
+                                 if len({f.get("crs") for f in footprints}) == 1 else "EPSG:4326"}
         write_embed_meta(out_dir, doc, chips=[src.chip_index(i) for i in range(n)], chip_header=meta)
     else:
         write_embed_meta(out_dir, doc, files=src.files[:n], file_header=f"geodino file list: data={cfg.data.name}")
@@ -315,6 +331,7 @@ def run_curate(cfg):
     with output_dir(out_dir):  # a failed command leaves no output folder behind
         if action == "embed":
             out = run_embed(cfg, out_dir, progress)
-            print(f"wrote {out / EMBEDDINGS_FILE} and {out / ITEMS_FILE}")
+            extra = f" and {out / FOOTPRINTS_FILE}" if (out / FOOTPRINTS_FILE).is_file() else ""
+            print(f"wrote {out / EMBEDDINGS_FILE}, {out / ITEMS_FILE}{extra}")
             return out
         return {"balance": run_balance, "retrieve": run_retrieve, "dedup": run_dedup}[action](cfg, out_dir, progress)

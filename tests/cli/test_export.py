@@ -86,3 +86,68 @@ def test_an_official_export_loads_back_by_its_path(run, tmp_path):
     x = torch.rand(1, 4, 32, 32)
     torch.testing.assert_close(model.forward_features(x)["x_norm_clstoken"],
                                bb.eval().forward_features(x)["x_norm_clstoken"])
+
+
+def test_distilled_students_export_to_safetensors_and_load_back_without_unpickling(tmp_path, monkeypatch, capsys):
+    """part=students (issue #15, safe artifacts): every student of a distill run becomes <name>.safetensors with its
+    contract and provenance; load_backbone reads it with no torch.load and the features are identical."""
+    import json
+
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    run = tmp_path / "distill"
+    students = {}
+    for name, bands in (("vit_tiny", ["B04", "B03", "B02", "B08"]), ("vit_rgb", ["B04", "B03", "B02"])):
+        bb = build_backbone("geodino_vit_tiny", in_chans=len(bands), embed_dim=32, depth=1, num_heads=1)
+        bb.geodino_contract = bb.geodino_contract.with_data(bands=bands, mean=[0.3] * len(bands), std=[0.2] * len(bands))
+        save_atomic(backbone_payload(bb.state_dict(), bb.geodino_contract, weights="ema", step=2, stage="distill",
+                                     teacher="/runs/teacher"), run / "students" / f"{name}.pt")
+        students[name] = bb.eval()
+    assert cli.main(["export", f"checkpoint={run}", "part=students", "format=safetensors"]) == 0
+    x = torch.rand(2, 4, 32, 32)
+    want = {n: bb.forward_features(x[:, :bb.geodino_contract.in_chans]) for n, bb in students.items()}
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load: the artifact must not unpickle"))
+    for name, bb in students.items():
+        out = run / "students" / f"{name}.safetensors"
+        with safe_open(str(out), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["format"] == "geodino-backbone"
+        assert json.loads(meta["geodino_checkpoint"]) == {"weights": "ema", "step": 2, "stage": "distill",
+                                                           "teacher": "/runs/teacher"}
+        model = load_backbone(out)
+        assert model.geodino_contract.to_dict() == bb.geodino_contract.to_dict()
+        got = model.forward_features(x[:, :bb.geodino_contract.in_chans])
+        for k in ("x_norm_clstoken", "x_norm_patchtokens"):
+            assert torch.equal(got[k], want[name][k]), (name, k)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["export", f"checkpoint={run}", "part=students", "format=safetensors"]) == 2  # nothing replaced
+    assert _error(capsys).endswith(f"out {run / 'students' / 'vit_rgb.safetensors'} exists; overwrite=true replaces it")
+    assert cli.main(["export", f"checkpoint={tmp_path / 'empty'}", "part=students", "format=safetensors"]) == 2
+    assert "has no students/*.pt" in _error(capsys)
+    # one student file, by its path: the backbone export of it is the same safetensors backbone file
+    out = tmp_path / "one.safetensors"
+    assert cli.main(["export", f"checkpoint={run / 'students' / 'vit_tiny.pt'}", "format=safetensors",
+                     f"out={out}"]) == 0
+    assert torch.equal(load_backbone(out).forward_features(x)["x_norm_clstoken"], want["vit_tiny"]["x_norm_clstoken"])
+
+
+def test_a_backbone_safetensors_of_the_earlier_layout_still_loads(tmp_path):
+    """Files exported before the geodino format was recorded (metadata ``format: dinov3-official-keys`` and the
+    contract) load as backbones and open as backbone files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from geodino.checkpoint import Checkpoint
+
+    torch.manual_seed(0)
+    bb = build_backbone("geodino_vit_tiny", in_chans=3, embed_dim=32, depth=1, num_heads=1).eval()
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(path),
+              metadata={"format": "dinov3-official-keys", "geodino_contract": json.dumps(bb.geodino_contract.to_dict())})
+    ckpt = Checkpoint.open(path)
+    assert ckpt.is_backbone_file and ckpt.contract.to_dict() == bb.geodino_contract.to_dict()
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(load_backbone(path).forward_features(x)["x_norm_clstoken"], bb.forward_features(x)["x_norm_clstoken"])

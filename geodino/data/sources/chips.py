@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geodino.data.geotiff import Scaling
+from geodino.data.geotiff import Scaling, crs_string
 from geodino.errors import DataError
 
 log = logging.getLogger("geodino")
@@ -95,7 +95,7 @@ def write_chip_store(source, out: str | Path, n_chips: int, shard_size: int = 40
            "chip_size": int(s), "bands": list(source.band_names), "dtype": dtype.name, "nodata": source.nodata,
            "scale": float(source.scale), "offset": float(source.offset),
            "scalings": [{"scale": float(sc.scale), "offset": float(sc.offset), "why": sc.why} for sc in source.scalings],
-           "crs": source.crs.to_string() if hasattr(source.crs, "to_string") else str(source.crs),
+           "crs": crs_string(source.crs),
            "files": list(files), "seed": int(source.seed), "sensor": source.sensor, **(meta or {})}
     (tmp / STORE_FILE).write_text(json.dumps(doc, indent=2))
     tmp.rename(out)
@@ -199,6 +199,13 @@ class ChipStore(torch.utils.data.Dataset):
                 "bounds": self.index["bounds"][chip].tolist(), "crs": self.crs,
                 "scaling": self.scalings[int(self.index["scaling"][chip])].describe(),
                 "valid_fraction": float(self.index["valid_fraction"][chip]), "chip": int(self.index["chip"][chip])}
+
+    def item_with_footprint(self, index: int) -> tuple[torch.Tensor, dict]:
+        """Item `index` and its `footprint`, with ``chip`` its index in this store (as a chip list of it says) and
+        ``source_chip`` the raster source's chip index it was cut from."""
+        fp = self.footprint(index)
+        fp["source_chip"], fp["chip"] = fp["chip"], self.chip_index(index)
+        return self[index], fp
 
     def preview(self, size: int = 160, multiple: int = 16) -> torch.Tensor:
         """The first chip, centre-cropped (or resized) to S <= `size` a multiple of `multiple`, for figures."""

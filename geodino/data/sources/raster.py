@@ -62,6 +62,7 @@ from geodino.data.geotiff import (
     RASTER_SUFFIXES,
     Scaling,
     check_scale,
+    crs_string,
     detect_offset,
     raster_meta,
     resolve_scaling,
@@ -505,6 +506,16 @@ class RasterSource(torch.utils.data.Dataset):
         ds = self._datasets[read.group]
         offset = sum(len(d.index) for d in self._datasets[: read.group])
         return str(ds.index.iloc[read.entry - offset]["filepath"]) if "filepath" in ds.index else ""
+
+    def item_with_footprint(self, index: int) -> tuple[torch.Tensor, dict]:
+        """Item `index` (as ``self[index]``, one read) and where it comes from: ``chip`` (its chip index), ``file``,
+        ``bounds`` (minx, miny, maxx, maxy of the chip's window in ``crs``, the source's CRS: every chip is read on
+        that grid) and ``valid_fraction`` (share of pixels holding data)."""
+        chip = self.chip_index(index)
+        read = self._read(chip)
+        return self._scaled(read.raw, read.valid, read.group), {
+            "chip": chip, "file": self.footprint_file(read), "bounds": [float(b) for b in read.bounds],
+            "crs": crs_string(self.crs), "valid_fraction": float(read.valid.float().mean())}
 
     def chip_index(self, index: int) -> int:
         """The chip index item `index` reads: itself, or its entry in the chip list."""
