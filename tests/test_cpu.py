@@ -19,7 +19,8 @@ for _ in range(12):
     y = x * 2
     del x, y
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[-4:]))
+faults = sorted(faults[-5:])
+print(faults[2])  # the median of the last 5 rounds: one round re-faulted by memory pressure elsewhere is not the point
 """
 
 
@@ -31,5 +32,5 @@ def test_keep_freed_memory_stops_repeated_page_faults():
 
     default, cached = faults("off"), faults("on")
     # default glibc: every 48 MB buffer is a fresh mmap, ~12k faults per buffer, 2 buffers per round
-    assert default > 4 * 10_000
+    assert default > 2 * 10_000
     assert cached < default / 100
