@@ -467,7 +467,9 @@ class Trainer:
         s = self.s
         metrics = open_metrics(self.run_dir, s.loggers, truncate_after_step=self.start_step - 1) if self.is_main else None
         self.meta.train()
-        self.data_wait = DataWaitMonitor(s.data_wait_warn, self.batches.num_workers, self.device, usable_cpus())
+        # a stand-in batch source (benchmarks/train_step.py replays one batch) has no loader workers
+        self.data_wait = DataWaitMonitor(s.data_wait_warn, getattr(self.batches, "num_workers", 0), self.device,
+                                         usable_cpus())
         data = self.batches.iterate(self.start_step * s.grad_accum)
         bar = tqdm(total=s.iterations, initial=self.start_step, desc="train", disable=not (s.progress and self.is_main),
                    dynamic_ncols=True)
