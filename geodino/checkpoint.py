@@ -232,19 +232,23 @@ def safetensors_format(path: str | Path) -> str | None:
     return fmt if fmt in _SAFETENSORS_WEIGHTS else None
 
 
+def read_safetensors_file(path: str | Path) -> tuple[dict, dict]:
+    """(tensors, string metadata) of a safetensors file; any failure is one CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+
+
 def read_safetensors(path: str | Path) -> dict:
     """The dict `save_safetensors` was given, from its file (tensors by safetensors, the rest from JSON: no code runs).
     A safetensors file with a geodino contract but no geodino format (a backbone exported before the format was
     recorded) reads as a backbone file."""
-    from safetensors import safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    tensors, meta = read_safetensors_file(path)
     fmt = meta.get("format")
     if fmt not in _SAFETENSORS_WEIGHTS:
         if "geodino_contract" not in meta:

@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from geodino.checkpoint import backbone_payload, save_safetensors
+from geodino.checkpoint import backbone_payload, read_safetensors_file, save_safetensors
 from geodino.errors import CheckpointError
 from geodino.models import layouts
 from geodino.models.registry import ARCHS
@@ -33,12 +32,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"weights file {path} does not exist")
     meta: dict = {}
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+        sd, meta = read_safetensors_file(path)
         if "geodino_contract" in meta:
             meta["geodino_contract"] = json.loads(meta["geodino_contract"])
         return sd, meta
