@@ -35,8 +35,15 @@ def load_ref(ref_dir):
 @pytest.fixture(autouse=True)
 def _geodino_log_reaches_caplog():
     """A CLI run's setup_logging stops the geodino logger from propagating (no duplicate lines under a user's root
-    handlers); reset it so that every test's caplog sees geodino's records whatever ran before."""
+    handlers) and attaches a stream handler bound to the (captured) stderr of the test that ran it; after each
+    test, remove the handlers it added and let the logger propagate again, so that every test's caplog sees
+    geodino's records whatever ran before."""
     import logging
 
+    logger = logging.getLogger("geodino")
+    before = list(logger.handlers)
     yield
-    logging.getLogger("geodino").propagate = True
+    for handler in list(logger.handlers):
+        if handler not in before:
+            logger.removeHandler(handler)
+    logger.propagate = True

@@ -4,7 +4,6 @@ samples, and the lists it writes read back by `data=` configs."""
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -14,17 +13,6 @@ from geodino import cli
 from geodino.data import lists
 from geodino.data.sources import build_source
 from geodino.data.stats import STATS_FORMAT
-
-
-@pytest.fixture(autouse=True)
-def _restore_geodino_logging():
-    """The CLI attaches a stream handler bound to the (captured) stderr of the test that created it."""
-    logger = logging.getLogger("geodino")
-    before = list(logger.handlers)
-    yield
-    for h in list(logger.handlers):
-        if h not in before:
-            logger.removeHandler(h)
 
 
 def test_cli_stats_on_the_packaged_sample_writes_stats(tmp_path, capsys):

@@ -6,7 +6,6 @@ the embeddings are written and one line says why the footprints are not."""
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -23,16 +22,6 @@ rasterio = pytest.importorskip("rasterio")
 CHIP = 32
 COMMON = ["progress=false", "batch_size=8", "data=sat", f"data.chip_size={CHIP}", "data.mean=[0.3,0.3,0.3]",
           "data.std=[0.2,0.2,0.2]", "data.nodata_max_fraction=0.9"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_geodino_logging():
-    logger = logging.getLogger("geodino")
-    before = list(logger.handlers)
-    yield
-    for h in list(logger.handlers):
-        if h not in before:
-            logger.removeHandler(h)
 
 
 @pytest.fixture
