@@ -124,6 +124,17 @@ def _with_convnext_norms(out: dict) -> dict:
     return out
 
 
+#: Hugging Face ConvNeXt block parameter names -> the official ones (the reverse mapping reads it backwards).
+_HF_CONVNEXT_BLOCK_NAMES = (("depthwise_conv", "dwconv"), ("layer_norm", "norm"), ("pointwise_conv1", "pwconv1"),
+                            ("pointwise_conv2", "pwconv2"))
+
+
+def _rename(name: str, pairs) -> str:
+    for old, new in pairs:
+        name = name.replace(old, new)
+    return name
+
+
 def _hf_convnext_to_official(sd: dict, source: str) -> dict:
     out = {}
     for k, v in sd.items():
@@ -135,8 +146,7 @@ def _hf_convnext_to_official(sd: dict, source: str) -> dict:
             continue
         m = re.match(r"stages\.(\d+)\.layers\.(\d+)\.(.+)$", k)
         if m:
-            rest = m.group(3).replace("depthwise_conv", "dwconv").replace("layer_norm", "norm") \
-                .replace("pointwise_conv1", "pwconv1").replace("pointwise_conv2", "pwconv2")
+            rest = _rename(m.group(3), _HF_CONVNEXT_BLOCK_NAMES)
             out[f"stages.{m.group(1)}.{m.group(2)}.{rest}"] = v
             continue
         if k.startswith("layer_norm."):
@@ -302,8 +312,7 @@ def _official_convnext_to_hf(sd: dict, kwargs: dict) -> tuple[dict, dict]:
             continue
         m = re.match(r"stages\.(\d+)\.(\d+)\.(.+)$", k)
         if m:
-            rest = m.group(3).replace("dwconv", "depthwise_conv").replace("norm", "layer_norm") \
-                .replace("pwconv1", "pointwise_conv1").replace("pwconv2", "pointwise_conv2")
+            rest = _rename(m.group(3), [(official, hf) for hf, official in _HF_CONVNEXT_BLOCK_NAMES])
             out[f"stages.{m.group(1)}.layers.{m.group(2)}.{rest}"] = v
             continue
         if k.startswith("norm."):
