@@ -11,7 +11,8 @@ with this small interface
   distilled students beside each checkpoint), and ``has_teacher = False`` for a meta-architecture without an EMA
   teacher (its metrics rows then carry no ``momentum`` / ``teacher_temp``),
 
-and a *batch source* that turns a global batch index into a training batch. Step order follows the
+and a *batch source* that turns a global batch index into a training batch (`iterate(start)`; an optional
+``num_workers`` tells the data-wait monitor whether loader workers produce the batches). Step order follows the
 reference: set LR/WD, zero grads, forward_backward (grad accumulation over micro-batches), clip per
 student submodule, NaN check (abort after more than 2 consecutive non-finite losses), optimiser step,
 EMA update, stage hook, metrics, checkpoint.

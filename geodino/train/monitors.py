@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from typing import Sequence
 
 import numpy as np
@@ -291,7 +292,7 @@ class DataWaitMonitor:
         self.window, self.skip = int(window), int(skip)
         self.active = self.fraction > 0 and (torch.device(device).type != "cpu" or self.num_workers > 0)
         self.log = logger or logging.getLogger("geodino")
-        self.waits: list[tuple[float, float]] = []
+        self.waits: deque[tuple[float, float]] = deque(maxlen=self.window)  # (time_data, time_step) per step
         self.fired = False
         self.seen = 0
 
@@ -301,11 +302,10 @@ class DataWaitMonitor:
         self.seen += 1
         if self.seen <= self.skip:  # worker start-up and the first batches' prefetch
             return
-        self.waits = (self.waits + [(float(row["time_data"]), float(row["time_step"]))])[-self.window:]
+        self.waits.append((float(row["time_data"]), float(row["time_step"])))
         if self.fired or len(self.waits) < self.window:
             return
-        wait, total = (sum(w[i] for w in self.waits) for i in (0, 1))
-        share = wait / max(total, 1e-9)
+        wait, total, share = self._share()
         if share > self.fraction:
             self.fired = True
             self.log.warning(
@@ -315,8 +315,12 @@ class DataWaitMonitor:
                 "train.data_wait_warn=0 silences this", step, 100 * share, self.window, wait / self.window,
                 total / self.window, self.num_workers, self.cpus)
 
+    def _share(self) -> tuple[float, float, float]:
+        """(data wait, step time, their ratio) summed over the window."""
+        wait, total = sum(w for w, _ in self.waits), sum(t for _, t in self.waits)
+        return wait, total, wait / max(total, 1e-9)
+
     def summary(self) -> dict:
         if not self.waits:
             return {}
-        wait, total = (sum(w[i] for w in self.waits) for i in (0, 1))
-        return {"data_wait_share": wait / max(total, 1e-9), "warned": self.fired}
+        return {"data_wait_share": self._share()[2], "warned": self.fired}
