@@ -117,6 +117,12 @@ class Scaling:
     def apply(self, x):
         return self.unclipped(x).clip(0.0, 1.0)
 
+    def apply_(self, x):
+        """`apply` in place on a float torch tensor the caller owns (no copies: the chip store's hot path)."""
+        if self.offset:
+            x.add_(self.offset)
+        return x.div_(self.scale).clamp_(0.0, 1.0)
+
     def describe(self) -> str:
         dn = f"(DN {'+' if self.offset >= 0 else '-'} {abs(self.offset):g})" if self.offset else "DN"
         return f"{dn} / {self.scale:g}" + (f" ({self.why})" if self.why else "")

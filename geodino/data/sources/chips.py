@@ -176,10 +176,9 @@ class ChipStore(torch.utils.data.Dataset):
         raw = torch.from_numpy(np.asarray(self.raw(chip), dtype=np.float32))
         sc = self.scalings[int(self.index["scaling"][chip])]
         if self.index["valid_fraction"][chip] >= 1.0:
-            # no nodata or NaN pixel (recorded when the chip was cut): the same (DN + offset) / scale, clipped, in place
-            # on the fresh float copy, and no mask
-            x = (raw.add_(sc.offset) if sc.offset else raw).div_(sc.scale).clamp_(0.0, 1.0)
-            return x, torch.ones(raw.shape[-2:], dtype=torch.bool)
+            # no nodata or NaN pixel (recorded when the chip was cut): the scaling in place on the fresh float copy,
+            # and no mask
+            return sc.apply_(raw), torch.ones(raw.shape[-2:], dtype=torch.bool)
         valid = self.valid_mask(raw)
         x = sc.apply(raw)
         fill = self.fill if self.fill is not None else torch.zeros(raw.shape[0])
