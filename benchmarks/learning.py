@@ -86,7 +86,8 @@ def geodino_arm(name: str, recipe: str, args, out: Path, sets) -> dict:
     if args.bands == "rgb":
         cmd += [f"data.bands=[{','.join(RGB)}]"]
     print("$", " ".join(cmd), flush=True)
-    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark owns its output folder; each run starts fresh
+    if run_dir.exists():  # checked in main before any arm runs; only --overwrite gets here with a previous run
+        shutil.rmtree(run_dir)
     t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -260,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads of every arm (default: each tool's own default)")
     ap.add_argument("--png-stride", type=int, default=8, help="stride of the peer's PNG training chips (px)")
     ap.add_argument("--out", default="outputs/bench_learning")
+    ap.add_argument("--overwrite", action="store_true", help="replace the arms' previous runs in --out")
     ap.add_argument("--peer-env", default=str(Path.home() / ".cache" / "geodino" / "lightly-env"))
     ap.add_argument("--peer-run", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -268,6 +270,9 @@ def main(argv=None) -> int:
     if args.bands == "all" and any(a.startswith("lightly") for a in args.arms):
         ap.error("the LightlyTrain arms read PNG files: use --bands rgb, or drop them from --arms")
     out = Path(args.out)
+    existing = [str(out / a) for a in args.arms if (out / a).exists()]
+    if existing and not args.overwrite:
+        ap.error(f"{', '.join(existing)} exist (earlier runs): pass --overwrite to replace them, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sets = probe_sets(args.folder)

@@ -28,7 +28,8 @@ def test_train_step_benchmark_runs_the_trainer_at_toy_size():
 
 
 def test_learning_benchmark_trains_and_probes_a_geodino_arm(tmp_path):
-    """The geodino arm end to end at 2 steps (the LightlyTrain arms need the peer's own environment)."""
+    """The geodino arm end to end at 2 steps (the LightlyTrain arms need the peer's own environment); a second run
+    into the same folder is refused without --overwrite."""
     import json
 
     text = _run("benchmarks/learning.py", "--steps", "2", "--batch", "4", "--arms", "small", "--seeds", "0", "1",
@@ -38,3 +39,6 @@ def test_learning_benchmark_trains_and_probes_a_geodino_arm(tmp_path):
     assert arm["arm"] == "small" and arm["images_seen"] == 8
     assert 0 < arm["dense_miou"] <= 100 and len(result["floors"]["random_init"]) == 2
     assert re.search(r"^small\s+[0-9.]+", text, re.M), text
+    again = subprocess.run([sys.executable, "benchmarks/learning.py", "--steps", "2", "--arms", "small", "--out",
+                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "--overwrite" in again.stderr and (tmp_path / "small").is_dir()
